@@ -1,0 +1,63 @@
+"""Small building blocks shared by the attention, MoE and model modules.
+
+Every parameter is created through :func:`param` with *logical axis names* (one per dimension);
+the sharding rules table maps those names to mesh axes. Logical names used here:
+``vocab, embed, mlp, heads, kv_heads, head_dim, q_lora, kv_lora, qk_head, v_head, exp, mlp_moe, norm``
+(``layers`` is prepended by ``nn.scan``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+
+__all__ = ["param", "RMSNorm", "MLP", "dtype_of"]
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], std: float | None,
+          dtype: jnp.dtype) -> jax.Array:
+    """A parameter with logical axes ``axes``; normal(std) init, or ones when ``std is None`` (norms)."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    init = nn.initializers.ones if std is None else nn.initializers.normal(std)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+    """``y = w * cast(x_f32 * rsqrt(mean(x_f32^2) + eps))`` (normalise in float32, then scale)."""
+
+    dim: int
+    eps: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = param(self, "scale", (self.dim,), ("norm",), None, self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        return w.astype(x.dtype) * y
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP ``w2(silu(x w1) * (x w3))``: x[b, t, d] · w1[d, f], w3[d, f] -> [b, t, f] · w2[f, d]."""
+
+    cfg: ModelConfig
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, pd = self.cfg, dtype_of(self.cfg.param_dtype)
+        w1 = param(self, "w1", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
+        w3 = param(self, "w3", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
+        w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd)
+        dt = x.dtype
+        h = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
+        return h @ w2.astype(dt)

@@ -1,0 +1,185 @@
+"""The DeepSeek decoder-only Transformer (LLM 7B/67B, V2, V2-Lite, V3) with multi-token prediction.
+
+Pre-norm blocks (V3 §2.1)::
+
+    x = x + Attention(RMSNorm(x))          MLA (V2/V3) or MHA/GQA (DeepSeek LLM)
+    x = x + FFN(RMSNorm(x))                dense SwiGLU for the first ``first_k_dense_replace`` layers, then MoE
+    logits = RMSNorm(x) · W_head           [b, t, d] · [d, v]
+
+Repeated layers are two ``nn.scan`` stacks (``dense_layers`` then ``moe_layers``) so a 61- or 95-layer
+preset traces one layer per stack. Parameters of a stack carry a leading ``layers`` axis.
+
+Multi-token prediction (V3 §2.2): module k (1..D) computes, for every position i,
+``h^k_i = TRM_k(eh_proj[RMSNorm_e(Emb(t_{i+k})) ; RMSNorm_h(h^{k-1}_i)])`` and
+``mtp_logits[k-1, :, i] = RMSNorm_k(h^k_i) · W_head`` (predicting token i+k+1). Embedding-first
+concatenation follows the released checkpoint's ``eh_proj`` (as engines that load it do); ``h^0`` is
+the main model's final-normed hidden state. Embedding and head are shared with the main model.
+Positions i >= t-k see padding in place of ``t_{i+k}``; losses must mask them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.attention import make_attention
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import MLP, RMSNorm, dtype_of, param
+from deepseek_jax.moe import MoE
+
+__all__ = ["ModelOutput", "DecoderLayer", "Transformer", "forward", "init_variables", "abstract_variables",
+           "check_tokens"]
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """``logits [b, t, v]`` float32; ``mtp_logits [D, b, t, v]`` float32 or None; ``expert_load
+    [n_moe_layers + D, e]`` float32 tokens per expert (MTP layers last) or None for dense models."""
+
+    logits: jax.Array
+    mtp_logits: jax.Array | None = None
+    expert_load: jax.Array | None = None
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: ``(x [b, t, d], positions [b, t], segment_ids [b, t]) -> (x, load [e] | None)``."""
+
+    cfg: ModelConfig
+    moe: bool
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        c, pd = self.cfg, dtype_of(self.cfg.param_dtype)
+        h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="attn_norm")(x)
+        x = x + make_attention(c, "attn")(h, positions, segment_ids)
+        h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="ffn_norm")(x)
+        if self.moe:
+            y, load = MoE(c, name="ffn")(h)
+        else:
+            y, load = MLP(c, c.intermediate_size, name="ffn")(h), None
+        return x + y, load
+
+
+def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
+    scanned = nn.scan(
+        DecoderLayer,
+        variable_axes={"params": 0, "router": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, moe, name=name)
+
+
+class MTPModule(nn.Module):
+    """MTP depth k: ``(h_prev [b, t, d], emb_next [b, t, d]) -> (h, RMSNorm_k(h), load)``; the normed
+    output feeds the shared head (HF ``shared_head.norm``)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_prev, emb_next, positions, segment_ids):
+        c, pd = self.cfg, dtype_of(self.cfg.param_dtype)
+        e = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="enorm")(emb_next)
+        h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="hnorm")(h_prev)
+        w = param(self, "eh_proj", (2 * c.d_model, c.d_model), ("mtp_concat", "embed"), c.init_std, pd)
+        x = jnp.concatenate([e, h], axis=-1) @ w.astype(h.dtype)
+        h, load = DecoderLayer(c, moe=c.moe is not None, name="layer")(x, positions, segment_ids)
+        return h, RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(h), load
+
+
+def check_tokens(tokens: Any, vocab_size: int) -> None:
+    """Raise ``ValueError`` for concrete token ids outside ``[0, vocab_size)`` (a silent clamp otherwise)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if arr.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)]
+        raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}); got {bad[:5].tolist()} "
+                         f"(min {arr.min()}, max {arr.max()}): is the tokenizer's vocabulary larger than the model's?")
+
+
+class Transformer(nn.Module):
+    """DeepSeek causal LM. ``tokens [b, t]`` int -> :class:`ModelOutput`.
+
+    ``positions [b, t]`` (default ``arange(t)``) feed RoPE; ``segment_ids [b, t]`` (default zeros)
+    restrict attention to one packed document.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None) -> ModelOutput:
+        c = self.cfg
+        check_tokens(tokens, c.vocab_size)
+        pd, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.zeros((b, t), jnp.int32)
+        embed = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
+        x = jnp.take(embed, tokens, axis=0).astype(dt)
+        loads = []
+        if c.n_dense_layers:
+            x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers")(x, positions, segment_ids)
+        if c.n_moe_layers:
+            x, load = _layer_stack(c, True, c.n_moe_layers, "moe_layers")(x, positions, segment_ids)
+            loads.append(load)
+        h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(x)
+        if c.tie_embeddings:
+            head = embed.T
+        else:
+            head = param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
+        head = head.astype(dt)
+        logits = (h @ head).astype(jnp.float32)
+
+        mtp_logits = None
+        if c.mtp.depth:
+            outs, prev = [], h
+            for k in range(1, c.mtp.depth + 1):
+                nxt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # t_{i+k}; padding past the end
+                emb_next = jnp.take(embed, nxt, axis=0).astype(dt)
+                prev, hk, load = MTPModule(c, name=f"mtp_{k - 1}")(prev, emb_next, positions, segment_ids)
+                if load is not None:
+                    loads.append(load[None])
+                outs.append((hk @ head).astype(jnp.float32))
+            mtp_logits = jnp.stack(outs)
+        expert_load = jnp.concatenate(loads) if loads else None
+        return ModelOutput(logits=logits, mtp_logits=mtp_logits, expert_load=expert_load)
+
+
+def abstract_variables(cfg: ModelConfig, batch: int = 1, length: int = 8) -> dict:
+    """Shapes and dtypes of every variable (boxed with logical axes), nothing allocated."""
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)
+
+
+def init_variables(cfg: ModelConfig, rng: jax.Array | int = 0) -> dict:
+    """Randomly initialised variables as plain arrays (logical-axis boxes removed)."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    boxed = jax.jit(Transformer(cfg).init)(rng, jnp.zeros((1, 8), jnp.int32))
+    return nn.meta.unbox(boxed)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_forward(cfg: ModelConfig):
+    return jax.jit(lambda variables, tokens: Transformer(cfg).apply(variables, tokens).logits)
+
+
+def forward(cfg: ModelConfig, variables: dict, tokens) -> jax.Array:
+    """Jitted forward: ``tokens [b, t]`` -> next-token ``logits [b, t, v]`` float32."""
+    check_tokens(tokens, cfg.vocab_size)
+    return _jitted_forward(cfg)(variables, jnp.asarray(tokens, jnp.int32))

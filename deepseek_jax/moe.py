@@ -1,0 +1,151 @@
+"""DeepSeekMoE (DeepSeekMoE paper; V2 §2.2; V3 §2.1.2): shared experts plus fine-grained routed experts.
+
+``y = shared(u) + sum_{i in TopK(u)} g_i FFN_i(u)`` for every token u, **dropless**: every selected
+(token, expert) pair is computed. Letters: n tokens (b*t flattened), d model, e experts, k top-k,
+f expert hidden width, m = n*k (token, expert) pairs.
+
+Routed experts run as a *grouped GEMM* over the pairs sorted by expert. Two kernels, chosen per
+backend by :func:`grouped_gemm_impl` (``benchmarks/moe_grouped_gemm.py`` measures them):
+
+* ``"ragged"``: ``jax.lax.ragged_dot`` over the sorted rows (fast kernels on GPU/TPU);
+* ``"blocks"``: rows padded per expert to multiples of ``block`` and computed as a batched matmul
+  with one expert's weights per block (``[nb, B, d] · [nb, d, f]``): XLA:CPU has no fast ragged
+  kernel, and this wastes at most ``e * (block - 1)`` rows.
+
+:func:`moe_dense_reference` computes every expert on every token; it is the test oracle.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig, MoEConfig
+from deepseek_jax.layers import MLP, dtype_of, param
+
+__all__ = ["route", "grouped_gemm_impl", "routed_experts", "moe_dense_reference", "MoE"]
+
+GroupedImpl = Literal["blocks", "ragged"]
+
+
+def route(logits: jax.Array, bias: jax.Array | None, moe: MoEConfig) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing. ``logits [n, e]`` float32 -> ``(weights [n, k] float32, experts [n, k] int32)``.
+
+    The correction ``bias`` (V3) shifts the *selection* scores only; the returned weights are the
+    unbiased scores (normalised when ``norm_topk_prob``), times ``routed_scaling_factor``.
+    """
+    r, e, k = moe.router, moe.n_routed_experts, moe.experts_per_token
+    scores = jax.nn.sigmoid(logits) if r.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    if r.topk_method != "greedy" and r.n_group > 1:
+        grouped = choice.reshape(-1, r.n_group, e // r.n_group)
+        if r.topk_method == "noaux_tc":
+            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # sum of each group's top-2
+        else:
+            group_score = grouped.max(-1)
+        keep = jax.nn.one_hot(jax.lax.top_k(group_score, r.topk_group)[1], r.n_group, dtype=bool).any(-2)
+        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(-1, e)
+    experts = jax.lax.top_k(choice, k)[1]
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if r.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * r.routed_scaling_factor, experts.astype(jnp.int32)
+
+
+def grouped_gemm_impl(backend: str | None = None) -> GroupedImpl:
+    """``"ragged"`` where ``ragged_dot`` has a fast kernel (GPU, TPU), else ``"blocks"``."""
+    return "ragged" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else "blocks"
+
+
+def _swiglu(x, w1, w3, w2, mm):
+    return mm(jax.nn.silu(mm(x, w1)) * mm(x, w3), w2)
+
+
+def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
+                   w2: jax.Array, impl: GroupedImpl | None = None, block: int = 64) -> jax.Array:
+    """Dropless routed experts: ``x [n, d]``, ``weights/experts [n, k]``, ``w1/w3 [e, d, f]``, ``w2 [e, f, d]``.
+
+    Returns ``sum_j weights[:, j] * FFN_{experts[:, j]}(x)`` as ``[n, d]``.
+    """
+    n, d = x.shape
+    e, k = w1.shape[0], experts.shape[1]
+    m = n * k
+    flat = experts.reshape(m)
+    order = jnp.argsort(flat, stable=True)  # sorted pair -> original pair index
+    token = order // k
+    counts = jnp.bincount(flat, length=e).astype(jnp.int32)
+    impl = impl or grouped_gemm_impl()
+    if impl == "ragged":
+        xs = x[token]  # [m, d], grouped by expert
+
+        def mm(a, w):
+            return jax.lax.ragged_dot(a, w, counts)
+
+        ys = _swiglu(xs, w1, w3, w2, mm)
+    elif impl == "blocks":
+        nb = m // block + e  # static bound on sum_e ceil(count_e / block)
+        padded = (counts + block - 1) // block * block
+        pend = jnp.cumsum(padded)
+        start = jnp.cumsum(counts) - counts
+        sorted_e = flat[order]
+        dest = pend[sorted_e] - padded[sorted_e] + jnp.arange(m) - start[sorted_e]  # row in padded buffer
+        src = jnp.full((nb * block,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
+        x_ext = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
+        tok_ext = jnp.concatenate([token, jnp.array([n], token.dtype)])
+        xb = x_ext[tok_ext[src]].reshape(nb, block, d)
+        block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb) * block, side="right"), e - 1)
+
+        def mm(a, w):
+            return jnp.einsum("gbi,gio->gbo", a, w[block_e])
+
+        ys = _swiglu(xb, w1, w3, w2, mm).reshape(nb * block, d)[dest]
+    else:
+        raise ValueError(f"impl={impl!r} must be 'blocks' or 'ragged'")
+    inv = jnp.argsort(order)  # original pair -> sorted position
+    y_pairs = ys[inv].reshape(n, k, d)
+    return jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(ys.dtype))
+
+
+def moe_dense_reference(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
+                        w2: jax.Array) -> jax.Array:
+    """Test oracle: every expert on every token, combined with the dense gate matrix ``[n, e]``."""
+    e = w1.shape[0]
+    gate = jnp.einsum("nk,nke->ne", weights.astype(x.dtype), jax.nn.one_hot(experts, e, dtype=x.dtype))
+    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w1)) * jnp.einsum("nd,edf->enf", x, w3)
+    return jnp.einsum("enf,efd,ne->nd", h, w2, gate)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: ``x [b, t, d] -> (y [b, t, d], expert load [e] float32)``.
+
+    Parameters: router ``kernel [d, e]``; routed experts ``w1, w3 [e, d, f]``, ``w2 [e, f, d]``;
+    ``shared`` SwiGLU MLP of width ``n_shared_experts * f``. The V3 correction bias lives in the
+    non-trainable collection ``"router"`` (``e_score_correction_bias [e]``), not in ``"params"``.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c = self.cfg
+        m, pd, dt, std = c.moe, dtype_of(c.param_dtype), x.dtype, c.init_std
+        e, f = m.n_routed_experts, m.moe_intermediate_size
+        b, t, d = x.shape
+        kernel = param(self, "router", (d, e), ("embed", "exp"), std, pd)
+        bias = None
+        if m.router.topk_method == "noaux_tc":
+            bias = self.variable("router", "e_score_correction_bias",
+                                 nn.with_logical_partitioning(lambda: jnp.zeros((e,), jnp.float32), ("exp",))).value
+        xf = x.reshape(b * t, d)
+        weights, experts = route(xf.astype(jnp.float32) @ kernel.astype(jnp.float32), bias, m)
+        w1 = param(self, "w1", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
+        w3 = param(self, "w3", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
+        w2 = param(self, "w2", (e, f, d), ("exp", "mlp_moe", "embed"), std, pd).astype(dt)
+        y = routed_experts(xf, weights, experts, w1, w3, w2).reshape(b, t, d)
+        if m.n_shared_experts:
+            y = y + MLP(c, m.n_shared_experts * f, name="shared")(x)
+        load = jnp.bincount(experts.reshape(-1), length=e).astype(jnp.float32)
+        return y, load
