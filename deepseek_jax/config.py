@@ -133,6 +133,8 @@ class AttentionConfig:
             for n in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, n):
                     _fail(f"attention.{n}", getattr(self, n), f"is an MLA field; remove it for kind={self.kind!r}")
+            if self.n_kv_heads is None:
+                object.__setattr__(self, "n_kv_heads", self.n_heads)
             kv = self.kv_heads
             if kv <= 0 or self.n_heads % kv:
                 _fail("attention.n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")

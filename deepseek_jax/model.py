@@ -40,11 +40,13 @@ __all__ = ["ModelOutput", "DecoderLayer", "Transformer", "forward", "init_variab
 @flax.struct.dataclass
 class ModelOutput:
     """``logits [b, t, v]`` float32; ``mtp_logits [D, b, t, v]`` float32 or None; ``expert_load
-    [n_moe_layers + D, e]`` float32 tokens per expert (MTP layers last) or None for dense models."""
+    [n_moe_layers + D, e]`` float32 tokens per expert (MTP layers last) or None for dense models;
+    ``hidden [b, t, d]`` the final-normed hidden state (the head's input, and MTP's ``h^0``)."""
 
     logits: jax.Array
     mtp_logits: jax.Array | None = None
     expert_load: jax.Array | None = None
+    hidden: jax.Array | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -157,7 +159,7 @@ class Transformer(nn.Module):
                 outs.append((hk @ head).astype(jnp.float32))
             mtp_logits = jnp.stack(outs)
         expert_load = jnp.concatenate(loads) if loads else None
-        return ModelOutput(logits=logits, mtp_logits=mtp_logits, expert_load=expert_load)
+        return ModelOutput(logits=logits, mtp_logits=mtp_logits, expert_load=expert_load, hidden=h)
 
 
 def abstract_variables(cfg: ModelConfig, batch: int = 1, length: int = 8) -> dict:

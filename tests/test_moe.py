@@ -1,0 +1,100 @@
+"""Dropless grouped-GEMM MoE against the dense reference, and the router's rules."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dsj
+from deepseek_jax.moe import moe_dense_reference, route, routed_experts
+
+
+def _problem(n=96, d=32, f=16, e=8, k=2, seed=0):
+    r = np.random.RandomState(seed)
+    x = jnp.asarray(r.randn(n, d), jnp.float32)
+    experts = jnp.asarray(np.stack([r.choice(6, size=k, replace=False) for _ in range(n)]), jnp.int32)  # 6, 7 idle
+    weights = jnp.asarray(r.rand(n, k), jnp.float32)
+    w1, w3 = (jnp.asarray(r.randn(e, d, f) * 0.2, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(r.randn(e, f, d) * 0.2, jnp.float32)
+    cot = jnp.asarray(r.randn(n, d), jnp.float32)
+    return x, weights, experts, w1, w3, w2, cot
+
+
+@pytest.mark.parametrize("impl,block", [("blocks", 8), ("blocks", 64), ("ragged", None)])
+def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block):
+    x, weights, experts, w1, w3, w2, cot = _problem()
+    assert set(np.unique(experts)) == set(range(6))  # experts 6 and 7 get no tokens
+
+    def loss(fn, *args):
+        return jnp.sum(fn(*args) * cot)
+
+    ours = lambda x, w, a, b, c: routed_experts(x, w, experts, a, b, c, impl=impl, block=block or 64)  # noqa: E731
+    ref = lambda x, w, a, b, c: moe_dense_reference(x, w, experts, a, b, c)  # noqa: E731
+    args = (x, weights, w1, w3, w2)
+    np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-5, atol=1e-5)
+    g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=range(5))(*args)
+    g_ref = jax.grad(lambda *a: loss(ref, *a), argnums=range(5))(*args)
+    for name, a, b in zip(["x", "weights", "w1", "w3", "w2"], g_ours, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert float(jnp.abs(g_ours[2][6:]).max()) == 0.0  # idle experts receive zero gradient
+
+
+def test_blocks_path_handles_every_token_on_one_expert():
+    x, weights, experts, w1, w3, w2, _ = _problem(n=70, k=1)
+    experts = jnp.zeros_like(experts)  # worst case for padding bound: all rows on expert 0
+    np.testing.assert_allclose(routed_experts(x, weights, experts, w1, w3, w2, impl="blocks", block=16),
+                               moe_dense_reference(x, weights, experts, w1, w3, w2), rtol=1e-5, atol=1e-5)
+
+
+def _naive_v3_route(logits, bias, n_group, topk_group, k, scale):
+    """Per-token Python loop, written from the V3 report §2.1.2 / inference/model.py Gate."""
+    s = 1 / (1 + np.exp(-logits))
+    out_w, out_i = [], []
+    for row, b in zip(s, np.broadcast_to(bias, s.shape)):
+        choice = row + b
+        groups = choice.reshape(n_group, -1)
+        gscore = np.sort(groups, axis=1)[:, -2:].sum(1)
+        keep = np.argsort(-gscore)[:topk_group]
+        allowed = [e for g in keep for e in range(g * groups.shape[1], (g + 1) * groups.shape[1])]
+        idx = sorted(allowed, key=lambda e: -choice[e])[:k]
+        w = row[idx] / row[idx].sum() * scale
+        order = np.argsort(idx)
+        out_w.append(w[order])
+        out_i.append(np.array(idx)[order])
+    return np.array(out_w), np.array(out_i)
+
+
+def test_v3_router_matches_naive_loop_and_bias_only_selects():
+    cfg = dsj.load_config("tiny")
+    m = cfg.moe
+    r = np.random.RandomState(0)
+    logits = r.randn(64, m.n_routed_experts).astype(np.float32)
+    bias = (r.rand(m.n_routed_experts) * 0.6 - 0.3).astype(np.float32)
+    w, i = route(jnp.asarray(logits), jnp.asarray(bias), m)
+    order = np.argsort(np.asarray(i), axis=1)
+    w, i = np.take_along_axis(np.asarray(w), order, 1), np.take_along_axis(np.asarray(i), order, 1)
+    w_ref, i_ref = _naive_v3_route(logits, bias, m.router.n_group, m.router.topk_group, m.experts_per_token,
+                                   m.router.routed_scaling_factor)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-6)
+    # node-limited: every token's experts lie in at most topk_group groups
+    per_group = m.n_routed_experts // m.router.n_group
+    assert max(len(set(row // per_group)) for row in i) <= m.router.topk_group
+    # the bias changes which experts are chosen, but the weights stay the unbiased sigmoid scores
+    _, i0 = route(jnp.asarray(logits), None, m)
+    assert not np.array_equal(np.sort(np.asarray(i0), 1), i)
+
+
+def test_moe_layer_load_counts_tokens_per_expert(tiny_cfg, tiny_vars):
+    tokens = np.random.RandomState(0).randint(0, tiny_cfg.vocab_size, (2, 16))
+    out = dsj.Transformer(tiny_cfg).apply(tiny_vars, tokens)
+    k = tiny_cfg.moe.experts_per_token
+    assert out.expert_load.shape == (tiny_cfg.n_moe_layers + tiny_cfg.mtp.depth, tiny_cfg.moe.n_routed_experts)
+    np.testing.assert_array_equal(np.asarray(out.expert_load).sum(1), 2 * 16 * k)
+
+
+def test_router_bias_is_not_a_parameter(tiny_vars):
+    assert "router" in tiny_vars and "e_score_correction_bias" in str(jax.tree_util.tree_structure(tiny_vars["router"]))
+    assert "e_score_correction_bias" not in str(jax.tree_util.tree_structure(tiny_vars["params"]))
