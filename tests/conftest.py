@@ -23,3 +23,18 @@ def tiny_vars(tiny_cfg):
     import deepseek_jax as dsj
 
     return dsj.init_variables(tiny_cfg, 0)
+
+
+@pytest.fixture(scope="session")
+def jit_apply():
+    """``jit_apply(cfg)(variables, tokens, positions=None, segment_ids=None) -> ModelOutput``, compiled once per cfg."""
+    import functools
+
+    import deepseek_jax as dsj
+
+    @functools.lru_cache(maxsize=None)
+    def make(cfg):
+        return jax.jit(lambda v, t, positions=None, segment_ids=None:
+                       dsj.Transformer(cfg).apply(v, t, positions=positions, segment_ids=segment_ids))
+
+    return make

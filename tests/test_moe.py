@@ -87,9 +87,9 @@ def test_v3_router_matches_naive_loop_and_bias_only_selects():
     assert not np.array_equal(np.sort(np.asarray(i0), 1), i)
 
 
-def test_moe_layer_load_counts_tokens_per_expert(tiny_cfg, tiny_vars):
+def test_moe_layer_load_counts_tokens_per_expert(tiny_cfg, tiny_vars, jit_apply):
     tokens = np.random.RandomState(0).randint(0, tiny_cfg.vocab_size, (2, 16))
-    out = dsj.Transformer(tiny_cfg).apply(tiny_vars, tokens)
+    out = jit_apply(tiny_cfg)(tiny_vars, tokens)
     k = tiny_cfg.moe.experts_per_token
     assert out.expert_load.shape == (tiny_cfg.n_moe_layers + tiny_cfg.mtp.depth, tiny_cfg.moe.n_routed_experts)
     np.testing.assert_array_equal(np.asarray(out.expert_load).sum(1), 2 * 16 * k)
