@@ -14,6 +14,11 @@ MLA (training / prefill form, "naive": keys and values are expanded from the lat
     out   = softmax(score + mask) v Wo         [b,t,n,v] · Wo[n,v,d]
 
 The softmax runs in float32. ``scale`` includes YaRN's ``m**2`` (``ModelConfig.softmax_scale``).
+
+Sharding (scaling-book notation): heads are split over ``tensor`` and the batch over
+``(data, fsdp, expert)``: ``q[B_batch, T, N_tensor, H]``, the latent ``c[B_batch, S, C]`` is replicated
+over ``tensor`` (it is small: that is MLA's point), ``Wkv_b[C, N_tensor, P+V]``, and
+``o[B_batch, T, N_tensor, V] · Wo[N_tensor, V, D] -> y[B_batch, T, D]{U_tensor}`` is all-reduced.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import jax.numpy as jnp
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import RMSNorm, dtype_of, param
 from deepseek_jax.rope import apply_rope
+from deepseek_jax.sharding import constrain
 
 __all__ = ["attention_mask", "MLA", "GQA", "make_attention"]
+
+_HEADS = ("act_batch", "act_length", "act_heads", None)
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -60,6 +68,7 @@ class MLA(nn.Module):
         else:
             wq = param(self, "wq", (c.d_model, n, p + r), ("embed", "heads", "qk_head"), std, pd)
             q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))
+        q = constrain(q, *_HEADS)
         q_nope, q_rope = q[..., :p], apply_rope(q[..., p:], positions, c.rope)
 
         wkv_a = param(self, "wkv_a", (c.d_model, kc + r), ("embed", "kv_lora"), std, pd)
@@ -67,12 +76,12 @@ class MLA(nn.Module):
         c_kv = RMSNorm(kc, c.rms_norm_eps, pd, name="kv_norm")(kv[..., :kc])
         k_rope = apply_rope(kv[..., kc:], positions, c.rope)  # [b, s, r], shared by all heads
         wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_lora", "heads", "qk_head"), std, pd)
-        kvb = jnp.einsum("bsc,cnh->bsnh", c_kv, wkv_b.astype(dt))
+        kvb = constrain(jnp.einsum("bsc,cnh->bsnh", c_kv, wkv_b.astype(dt)), *_HEADS)
         k_nope, v = kvb[..., :p], kvb[..., p:]
 
         scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
         probs = _softmax(scores * c.softmax_scale, attention_mask(segment_ids), dt)
-        out = jnp.einsum("bnts,bsnv->btnv", probs, v)
+        out = constrain(jnp.einsum("bnts,bsnv->btnv", probs, v), *_HEADS)
         wo = param(self, "wo", (n, vd, c.d_model), ("heads", "head_dim", "embed"), std, pd)
         return jnp.einsum("btnv,nvd->btd", out, wo.astype(dt))
 
@@ -95,7 +104,8 @@ class GQA(nn.Module):
         wv = param(self, "wv", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
         q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq.astype(dt)), positions, c.rope)
         k = apply_rope(jnp.einsum("bsd,dgh->bsgh", x, wk.astype(dt)), positions, c.rope)
-        v = jnp.einsum("bsd,dgh->bsgh", x, wv.astype(dt))
+        v = constrain(jnp.einsum("bsd,dgh->bsgh", x, wv.astype(dt)), *_HEADS)
+        q, k = constrain(q, *_HEADS), constrain(k, *_HEADS)
         b, t = x.shape[:2]
         q = q.reshape(b, t, g, n // g, h)
         scores = jnp.einsum("btgmh,bsgh->bgmts", q, k) * c.softmax_scale

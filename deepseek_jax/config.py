@@ -204,9 +204,12 @@ class MoEConfig:
     n_shared_experts: int = 0
     first_k_dense_replace: int = 0
     router: RouterConfig = field(default_factory=RouterConfig)
+    capacity_factor: float | None = None  # expert parallelism only; None = dropless
 
     def __post_init__(self):
         _positive(self, "n_routed_experts", "experts_per_token", "moe_intermediate_size")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            _fail("moe.capacity_factor", self.capacity_factor, "must be positive, or null for dropless")
         if self.n_shared_experts < 0:
             _fail("moe.n_shared_experts", self.n_shared_experts, "must be >= 0")
         if self.first_k_dense_replace < 0:

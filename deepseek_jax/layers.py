@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.sharding import constrain
 
 __all__ = ["param", "RMSNorm", "MLP", "dtype_of"]
 
@@ -47,7 +48,11 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP ``w2(silu(x w1) * (x w3))``: x[b, t, d] · w1[d, f], w3[d, f] -> [b, t, f] · w2[f, d]."""
+    """SwiGLU MLP ``w2(silu(x w1) * (x w3))``.
+
+    ``x[B_batch, T, D] · W1[D_fsdp, F_tensor] -> h[B_batch, T, F_tensor] · W2[F_tensor, D_fsdp] -> {U_tensor}``:
+    the hidden is split over ``tensor``; the down-projection's partial sums are all-reduced over it.
+    """
 
     cfg: ModelConfig
     hidden: int
@@ -60,4 +65,5 @@ class MLP(nn.Module):
         w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd)
         dt = x.dtype
         h = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
+        h = constrain(h, "act_batch", "act_length", "act_mlp")
         return h @ w2.astype(dt)

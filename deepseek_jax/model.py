@@ -27,11 +27,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.attention import make_attention
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, RMSNorm, dtype_of, param
 from deepseek_jax.moe import MoE
+from deepseek_jax.sharding import BATCH_AXES, check_layout, constrain, param_shardings
 
 __all__ = ["ModelOutput", "DecoderLayer", "Transformer", "forward", "init_variables", "abstract_variables",
            "check_tokens"]
@@ -65,13 +67,16 @@ class DecoderLayer(nn.Module):
             y, load = MoE(c, name="ffn")(h)
         else:
             y, load = MLP(c, c.intermediate_size, name="ffn")(h), None
-        return x + y, load
+        return constrain(x + y, *_ACT), load
+
+
+_ACT = ("act_batch", "act_length", "act_embed")
 
 
 def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
     scanned = nn.scan(
         DecoderLayer,
-        variable_axes={"params": 0, "router": 0},
+        variable_axes={"params": 0, "router": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
@@ -132,7 +137,7 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.zeros((b, t), jnp.int32)
         embed = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
-        x = jnp.take(embed, tokens, axis=0).astype(dt)
+        x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *_ACT)
         loads = []
         if c.n_dense_layers:
             x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers")(x, positions, segment_ids)
@@ -145,14 +150,14 @@ class Transformer(nn.Module):
         else:
             head = param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
         head = head.astype(dt)
-        logits = (h @ head).astype(jnp.float32)
+        logits = constrain((h @ head).astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
         mtp_logits = None
         if c.mtp.depth:
             outs, prev = [], h
             for k in range(1, c.mtp.depth + 1):
                 nxt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # t_{i+k}; padding past the end
-                emb_next = jnp.take(embed, nxt, axis=0).astype(dt)
+                emb_next = constrain(jnp.take(embed, nxt, axis=0).astype(dt), *_ACT)
                 prev, hk, load = MTPModule(c, name=f"mtp_{k - 1}")(prev, emb_next, positions, segment_ids)
                 if load is not None:
                     loads.append(load[None])
@@ -177,11 +182,26 @@ def init_variables(cfg: ModelConfig, rng: jax.Array | int = 0) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_forward(cfg: ModelConfig):
-    return jax.jit(lambda variables, tokens: Transformer(cfg).apply(variables, tokens).logits)
+def _jitted_forward(cfg: ModelConfig, mesh: Mesh | None):
+    def fwd(variables, tokens):
+        return Transformer(cfg).apply(variables, tokens).logits
+
+    if mesh is None:
+        return jax.jit(fwd)
+    return jax.jit(fwd, in_shardings=(param_shardings(cfg, mesh), NamedSharding(mesh, P(BATCH_AXES, None))),
+                   out_shardings=NamedSharding(mesh, P(BATCH_AXES, None, "tensor")))
 
 
-def forward(cfg: ModelConfig, variables: dict, tokens) -> jax.Array:
-    """Jitted forward: ``tokens [b, t]`` -> next-token ``logits [b, t, v]`` float32."""
+def forward(cfg: ModelConfig, variables: dict, tokens, mesh: Mesh | None = None) -> jax.Array:
+    """Jitted forward: ``tokens [b, t]`` -> next-token ``logits [b, t, v]`` float32.
+
+    With a ``mesh``, variables and activations are laid out by ``sharding.RULES`` (variables are moved
+    there if they are not already) and the batch is split over ``data, fsdp, expert``.
+    """
     check_tokens(tokens, cfg.vocab_size)
-    return _jitted_forward(cfg)(variables, jnp.asarray(tokens, jnp.int32))
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if mesh is None:
+        return _jitted_forward(cfg, None)(variables, tokens)
+    check_layout(cfg, mesh, global_batch=tokens.shape[0])
+    with jax.set_mesh(mesh):
+        return _jitted_forward(cfg, mesh)(nn.meta.unbox(variables), tokens)

@@ -156,7 +156,16 @@ class MoE(nn.Module):
         w1 = param(self, "w1", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
         w3 = param(self, "w3", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
         w2 = param(self, "w2", (e, f, d), ("exp", "mlp_moe", "embed"), std, pd).astype(dt)
-        y = routed_experts(xf, weights, experts, w1, w3, w2).reshape(b, t, d)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            y = routed_experts(xf, weights, experts, w1, w3, w2)
+        else:  # explicit dispatch over the mesh's expert axis (shard_map)
+            from deepseek_jax.expert_parallel import ep_routed_experts
+
+            y, dropped, dispatched = ep_routed_experts(xf, weights, experts, w1, w3, w2, mesh, m.capacity_factor)
+            self.sow("intermediates", "dropped_rows", dropped)
+            self.sow("intermediates", "dispatched_rows", dispatched)
+        y = y.reshape(b, t, d)
         if m.n_shared_experts:
             y = y + MLP(c, m.n_shared_experts * f, name="shared")(x)
         load = jnp.bincount(experts.reshape(-1), length=e).astype(jnp.float32)

@@ -1,0 +1,92 @@
+"""Expert parallelism: routed experts split over the mesh axis ``expert``, tokens dispatched with explicit
+collectives inside ``jax.shard_map`` (DeepSeek-V3 §3.2.2).
+
+Per device (tokens ``x[N_batch, D]`` local, experts ``W[E_expert, D, F_tensor]``)::
+
+    1. for each destination shard s, the tokens that chose at least one expert on s, each sent ONCE with
+       its k expert slots (local id, gate weight; empty slots marked) -- node-limited routing (router
+       groups = expert shards) bounds a token's destinations by ``topk_group``;
+    2. all_to_all over ``expert``: every shard receives the rows meant for its experts;
+    3. grouped GEMM over the received (row, slot) pairs, combined per row with the gate weights;
+       ``F`` split over ``tensor`` gives partial sums, all-reduced over ``tensor``;
+    4. all_to_all back, and each token sums the rows returned by its destinations.
+
+XLA:CPU has no ``ragged_all_to_all``, so the buffers are dense ``[shards, capacity, d]``. Dropless
+(the default) sizes ``capacity`` = local tokens, so nothing can overflow; ``moe.capacity_factor`` sizes
+it to ``factor * tokens * min(k, shards) / shards`` and drops the overflow explicitly, counting it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.moe import routed_experts
+from deepseek_jax.sharding import BATCH_AXES
+
+__all__ = ["ep_routed_experts", "dispatch_capacity"]
+
+
+def dispatch_capacity(n_local: int, k: int, shards: int, capacity_factor: float | None) -> int:
+    """Rows per destination shard in the send buffer (``n_local`` = dropless)."""
+    if capacity_factor is None:
+        return n_local
+    return max(1, min(n_local, math.ceil(capacity_factor * n_local * min(k, shards) / shards)))
+
+
+def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor):
+    """Body run on every device; see module docstring. Returns (y [n, d], dropped rows, dispatched rows)."""
+    ep = jax.lax.axis_size("expert")
+    n, d = x.shape
+    if ep == 1:  # every expert is local: no dispatch collectives at all
+        y = routed_experts(x, weights, experts, w1, w3, w2)
+        y = jax.lax.psum(y, "tensor") if tensor > 1 else y
+        return y, jnp.zeros((), jnp.int32), jax.lax.psum(jnp.int32(n), BATCH_AXES)
+    k = experts.shape[1]
+    e_local = w1.shape[0]
+    shard = experts // e_local  # [n, k] destination shard of each slot
+    here = shard[:, None, :] == jnp.arange(ep)[None, :, None]  # [n, ep, k]
+    needs = here.any(-1)  # [n, ep] token i has an expert on shard s
+    cap = dispatch_capacity(n, k, ep, capacity_factor)
+    pos = jnp.cumsum(needs, axis=0) - 1
+    keep = needs & (pos < cap)
+    slot = jnp.where(keep, jnp.arange(ep)[None] * cap + pos, ep * cap).reshape(-1)  # ep*cap = dropped
+    token_of_slot = jnp.full((ep * cap,), n, jnp.int32).at[slot].set(
+        jnp.repeat(jnp.arange(n, dtype=jnp.int32), ep), mode="drop")
+    ids = jnp.where(here, experts[:, None, :] % e_local, e_local).reshape(n * ep, k)  # e_local = empty slot
+    gate = jnp.where(here, weights[:, None, :], 0).reshape(n * ep, k).astype(x.dtype)
+    send_x = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token_of_slot]
+    send_ids = jnp.full((ep * cap, k), e_local, jnp.int32).at[slot].set(ids, mode="drop")
+    send_gate = jnp.zeros((ep * cap, k), x.dtype).at[slot].set(gate, mode="drop")
+
+    def exchange(a):  # [ep * cap, ...] -> rows from every source shard
+        return jax.lax.all_to_all(a.reshape((ep, cap) + a.shape[1:]), "expert", 0, 0).reshape(a.shape)
+
+    rx, rids, rgate = exchange(send_x), exchange(send_ids), exchange(send_gate)
+    zeros = lambda w: jnp.zeros((1,) + w.shape[1:], w.dtype)  # noqa: E731  the "empty" expert
+    valid = rids < e_local
+    y = routed_experts(rx, jnp.where(valid, rgate, 0), rids, jnp.concatenate([w1, zeros(w1)]),
+                       jnp.concatenate([w3, zeros(w3)]), jnp.concatenate([w2, zeros(w2)]))
+    if tensor > 1:
+        y = jax.lax.psum(y, "tensor")
+    back = exchange(y)
+    out = jnp.zeros((n + 1, d), y.dtype).at[token_of_slot].add(back)[:n]
+    axes = BATCH_AXES
+    dropped = jax.lax.psum((needs & ~keep).sum(), axes)
+    dispatched = jax.lax.psum(keep.sum(), axes)
+    return out, dropped, dispatched
+
+
+def ep_routed_experts(x, weights, experts, w1, w3, w2, mesh, capacity_factor: float | None = None):
+    """Routed experts on a mesh: ``x[N_batch, D]``, ``weights/experts[N_batch, K]``, ``w1,w3[E_expert, D, F_tensor]``,
+    ``w2[E_expert, F_tensor, D]`` -> ``(y[N_batch, D], dropped, dispatched)`` (row counts, global)."""
+    tensor = mesh.shape["tensor"]
+    tok = P(BATCH_AXES, None)
+    fn = jax.shard_map(
+        lambda *a: _local(*a, capacity_factor=capacity_factor, tensor=tensor), mesh=mesh,
+        in_specs=(tok, tok, tok, P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)),
+        out_specs=(tok, P(), P()), check_vma=False)
+    return fn(x, weights, experts, w1, w3, w2)

@@ -1,0 +1,159 @@
+"""SPMD layouts on 8 fake CPU devices: same numbers as one device, shardings by the rules, clear errors."""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dsj
+from deepseek_jax import sharding as S
+
+LAYOUTS = [dict(data=8), dict(fsdp=8), dict(expert=8), dict(tensor=2, expert=4), dict(data=2, fsdp=2, expert=2),
+           dict(data=2, tensor=2, expert=2)]
+TOKENS = np.random.RandomState(0).randint(0, 512, (8, 16))
+
+
+def _loss(cfg):
+    def loss(v, t):
+        out = dsj.Transformer(cfg).apply(v, t)
+        logp = jax.nn.log_softmax(out.logits[:, :-1])
+        mtp = jax.nn.log_softmax(out.mtp_logits[0, :, :-2])
+        return (-jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], -1))
+                - 0.3 * jnp.mean(jnp.take_along_axis(mtp, t[:, 2:, None], -1)))
+    return loss
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cfg, tiny_vars):
+    value, grads = jax.jit(jax.value_and_grad(_loss(tiny_cfg)))(tiny_vars, TOKENS)
+    return np.asarray(dsj.forward(tiny_cfg, tiny_vars, TOKENS)), float(value), grads
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("axes", LAYOUTS, ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
+def test_sharded_forward_and_gradients_equal_single_device(axes, tiny_cfg, tiny_vars, reference):
+    ref_logits, ref_loss, ref_grads = reference
+    mesh = S.make_mesh(axes)
+    variables = S.shard_variables(tiny_cfg, tiny_vars, mesh)
+    assert _rel(dsj.forward(tiny_cfg, variables, TOKENS, mesh=mesh), ref_logits) <= 1e-5
+    with jax.set_mesh(mesh):
+        value, grads = jax.jit(jax.value_and_grad(_loss(tiny_cfg)))(variables, TOKENS)
+    assert abs(float(value) - ref_loss) <= 1e-5 * abs(ref_loss)
+    errs = jax.tree_util.tree_map(_rel, grads["params"], ref_grads["params"])
+    worst = max(jax.tree_util.tree_leaves(errs))
+    assert worst <= 1e-5, errs
+
+
+def test_init_sharded_places_every_leaf_by_the_rules(tiny_cfg):
+    mesh = S.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    variables = S.init_sharded(tiny_cfg, mesh, 0)
+    expected = S.param_shardings(tiny_cfg, mesh)
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    assert len(leaves) == len(jax.tree_util.tree_leaves(expected))
+    for (path, x), want in zip(leaves, jax.tree_util.tree_leaves(expected)):
+        assert x.sharding.is_equivalent_to(want, x.ndim), jax.tree_util.keystr(path)
+    w1 = variables["params"]["moe_layers"]["ffn"]["w1"]  # [layers, e, d, f]: d over fsdp, f over tensor
+    assert w1.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+    assert w1.addressable_shards[0].data.shape == (2, 16, 128, 64)
+    # same values as the unsharded initialisation with the same seed
+    plain = dsj.init_variables(tiny_cfg, 0)
+    np.testing.assert_allclose(np.asarray(w1), np.asarray(plain["params"]["moe_layers"]["ffn"]["w1"]))
+
+
+def test_sharded_init_peak_memory_is_an_eighth_with_fsdp8():
+    cfg = dsj.load_config("deepseek-v2-lite-16b", n_layers=4)  # mid-sized: ~4.3B parameters, compiled only
+
+    def peak(mesh):
+        shardings = S.param_shardings(cfg, mesh)
+        init = lambda r: nn.meta.unbox(dsj.Transformer(cfg).init(r, jnp.zeros((8, 8), jnp.int32)))  # noqa: E731
+        with jax.set_mesh(mesh):
+            stats = jax.jit(init, out_shardings=shardings).lower(jax.random.key(0)).compile().memory_analysis()
+        return stats.output_size_in_bytes + stats.temp_size_in_bytes
+
+    one = peak(S.make_mesh(dict(data=8)))  # data parallel: every device holds everything
+    eighth = peak(S.make_mesh(dict(fsdp=8)))
+    print(f"sharded init peak per device: replicated {one / 2**30:.2f} GiB, fsdp=8 {eighth / 2**30:.2f} GiB")
+    assert 0.11 <= eighth / one <= 0.15
+
+
+def _collectives(cfg, variables, mesh):
+    def loss(v, t):
+        return jnp.mean(dsj.Transformer(cfg).apply(v, t).logits ** 2)
+
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.grad(loss)).lower(variables, TOKENS).compile().as_text()
+    return set(re.findall(r"\s(all-to-all|all-gather|reduce-scatter|all-reduce)(?:-start)?\(", hlo))
+
+
+def test_dispatch_collectives_only_with_expert_parallelism(tiny_cfg, tiny_vars):
+    with_ep = S.make_mesh(dict(expert=8))
+    assert "all-to-all" in _collectives(tiny_cfg, S.shard_variables(tiny_cfg, tiny_vars, with_ep), with_ep)
+    without = S.make_mesh(dict(data=8))
+    kinds = _collectives(tiny_cfg, S.shard_variables(tiny_cfg, tiny_vars, without), without)
+    assert "all-to-all" not in kinds and "all-reduce" in kinds  # data parallel: gradients all-reduced
+
+
+def test_fsdp_gathers_parameters(tiny_cfg, tiny_vars):
+    mesh = S.make_mesh(dict(fsdp=8))
+    assert "all-gather" in _collectives(tiny_cfg, S.shard_variables(tiny_cfg, tiny_vars, mesh), mesh)
+
+
+def _moe_stats(cfg, variables, mesh):
+    def run(v, t):
+        out, state = dsj.Transformer(cfg).apply(v, t, mutable=["intermediates"])
+        inter = state["intermediates"]["moe_layers"]["ffn"]
+        return out.logits, inter["dropped_rows"][0].sum(), inter["dispatched_rows"][0].sum()
+
+    with jax.set_mesh(mesh):
+        return jax.jit(run)(S.shard_variables(cfg, variables, mesh), TOKENS)
+
+
+def test_capacity_factor_drops_explicitly_and_counts(tiny_cfg, tiny_vars):
+    mesh = S.make_mesh(dict(expert=8))
+    _, dropped, _ = _moe_stats(tiny_cfg, tiny_vars, mesh)
+    assert int(dropped) == 0  # dropless by default
+    tight = tiny_cfg.replace(**{"moe.capacity_factor": 0.25})
+    logits, dropped, dispatched = _moe_stats(tight, tiny_vars, mesh)
+    assert int(dropped) > 0 and int(dispatched) > 0
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_node_limited_routing_cuts_dispatch(tiny_vars, tiny_cfg):
+    """Groups = expert shards: a token reaches at most topk_group shards, so fewer rows are sent."""
+    mesh = S.make_mesh(dict(expert=4, data=2))
+    limited = tiny_cfg.replace(**{"moe.router.n_group": 4, "moe.router.topk_group": 1})
+    free = tiny_cfg.replace(**{"moe.router.n_group": 4, "moe.router.topk_group": 4})
+    rows_limited = int(_moe_stats(limited, tiny_vars, mesh)[2])
+    rows_free = int(_moe_stats(free, tiny_vars, mesh)[2])
+    tokens = TOKENS.size * tiny_cfg.n_moe_layers  # token-layers
+    assert rows_limited == tokens  # exactly one destination shard per token and layer
+    assert rows_free > rows_limited
+    print(f"dispatched rows per token and layer: topk_group=1 -> {rows_limited / tokens:.2f}, "
+          f"topk_group=4 -> {rows_free / tokens:.2f}")
+
+
+@pytest.mark.parametrize("axes,override,batch,message", [
+    (dict(data=4), {}, 8, "has 4 devices but 8 are in use"),
+    (dict(expert=8), {"moe.n_routed_experts": 12, "moe.router.n_group": 4}, 8,
+     "n_routed_experts=12 is not divisible by the mesh's expert=8"),
+    (dict(tensor=4, data=2), {}, 8, "n_heads=2 .* not divisible by the mesh's tensor=4"),
+    (dict(data=8), {}, 4, "global batch 4 is not divisible by data\\*fsdp\\*expert=8"),
+    (dict(expert=8), {"moe.router.n_group": 3, "moe.router.topk_group": 2, "moe.n_routed_experts": 24}, 8,
+     "n_group=3 does not map onto expert=8"),
+    (dict(stage=2, gpus=4), {}, 8, "unknown mesh axis"),
+])
+def test_bad_layouts_fail_before_compiling(tiny_cfg, tiny_vars, axes, override, batch, message):
+    cfg = tiny_cfg.replace(**override) if override else tiny_cfg
+    with pytest.raises(ValueError, match=message):
+        mesh = S.make_mesh(axes)
+        dsj.forward(cfg, tiny_vars, TOKENS[:batch], mesh=mesh)
