@@ -157,3 +157,69 @@ def test_bad_layouts_fail_before_compiling(tiny_cfg, tiny_vars, axes, override, 
     with pytest.raises(ValueError, match=message):
         mesh = S.make_mesh(axes)
         dsj.forward(cfg, tiny_vars, TOKENS[:batch], mesh=mesh)
+
+
+def test_collective_bytes_of_one_sharded_matmul_match_analytic():
+    """x[B, D_tensor] . W[D_tensor, F] -> y[B, F]{U_tensor}: one all-reduce of B*F float32 per device;
+    W[D_fsdp, F] used whole: one all-gather of D*F float32."""
+    from deepseek_jax.layout import hlo_collectives
+
+    b, d, f = 64, 512, 256
+    mesh = S.make_mesh(dict(tensor=8))
+    P = jax.sharding.PartitionSpec
+    sh = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
+    x = jax.ShapeDtypeStruct((b, d), jnp.float32, sharding=sh(P(None, "tensor")))
+    w = jax.ShapeDtypeStruct((d, f), jnp.float32, sharding=sh(P("tensor", None)))
+    hlo = jax.jit(jnp.matmul, out_shardings=sh(P())).lower(x, w).compile().as_text()
+    got = hlo_collectives(hlo)
+    assert got["all-reduce"]["count"] == 1
+    assert got["all-reduce"]["bytes"] == pytest.approx(b * f * 4, rel=0.1)
+
+    mesh = S.make_mesh(dict(fsdp=8))
+    sh = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
+    x = jax.ShapeDtypeStruct((b, d), jnp.float32, sharding=sh(P("fsdp", None)))
+    w = jax.ShapeDtypeStruct((d, f), jnp.float32, sharding=sh(P("fsdp", None)))
+    hlo = jax.jit(jnp.matmul, out_shardings=sh(P("fsdp", None))).lower(x, w).compile().as_text()
+    got = hlo_collectives(hlo)
+    assert got["all-gather"]["bytes"] == pytest.approx(d * f * 4, rel=0.1)
+
+
+def test_info_cli_reports_a_layout():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "deepseek_jax.cli", "info", "--config", "tiny", "--mesh",
+                          "data=2,expert=2,tensor=2", "--json"], capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    assert report["mesh"]["expert"] == 2 and report["collectives"]["all-to-all"]["count"] > 0
+    w1 = next(p for p in report["parameters"] if p["name"] == "['params']['moe_layers']['ffn']['w1']")
+    assert w1["spec"] == "P(None, 'expert', 'fsdp', 'tensor')"
+    assert w1["bytes_per_device"] == 2 * 16 * 256 * 128 * 4 // 4  # split over expert=2 and tensor=2
+
+
+def test_vocab_parallel_cross_entropy_never_gathers_logits(tiny_cfg, tiny_vars):
+    import optax
+
+    from deepseek_jax.layout import hlo_collectives
+    from deepseek_jax.losses import cross_entropy
+
+    labels = np.roll(TOKENS, -1, axis=1)
+
+    def loss(v, t):
+        return cross_entropy(dsj.Transformer(tiny_cfg).apply(v, t).logits, labels)[0]
+
+    ref_logits = dsj.forward(tiny_cfg, tiny_vars, TOKENS)
+    want = float(optax.softmax_cross_entropy_with_integer_labels(ref_logits, labels).mean())
+    assert float(jax.jit(loss)(tiny_vars, TOKENS)) == pytest.approx(want, rel=1e-6)
+
+    mesh = S.make_mesh(dict(data=4, tensor=2))
+    variables = S.shard_variables(tiny_cfg, tiny_vars, mesh)
+    with jax.set_mesh(mesh):
+        value = jax.jit(loss)(variables, TOKENS)
+        hlo = jax.jit(jax.grad(loss)).lower(variables, TOKENS).compile().as_text()
+    assert float(value) == pytest.approx(want, rel=1e-5)
+    local_full_logits = (8 // 4) * 16 * tiny_cfg.vocab_size * 4  # [b/data, t, v] float32 on one device
+    for line in hlo.splitlines():
+        if re.search(r"\s(all-gather|all-to-all)(-start)?\(", line):
+            assert sum(v["bytes"] for v in hlo_collectives(line).values()) < local_full_logits, line[:200]
