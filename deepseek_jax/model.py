@@ -104,8 +104,8 @@ class MTPModule(nn.Module):
 
 def check_tokens(tokens: Any, vocab_size: int) -> None:
     """Raise ``ValueError`` for concrete token ids outside ``[0, vocab_size)`` (a silent clamp otherwise)."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
+    if isinstance(tokens, jax.core.Tracer) or (isinstance(tokens, jax.Array) and not tokens.is_fully_addressable):
+        return  # traced, or a multi-process global array (each process checks its own rows before assembly)
     arr = np.asarray(tokens)
     if arr.ndim != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {arr.shape}")
@@ -199,7 +199,8 @@ def forward(cfg: ModelConfig, variables: dict, tokens, mesh: Mesh | None = None)
     there if they are not already) and the batch is split over ``data, fsdp, expert``.
     """
     check_tokens(tokens, cfg.vocab_size)
-    tokens = jnp.asarray(tokens, jnp.int32)
+    if not isinstance(tokens, jax.Array):
+        tokens = jnp.asarray(tokens, jnp.int32)
     if mesh is None:
         return _jitted_forward(cfg, None)(variables, tokens)
     check_layout(cfg, mesh, global_batch=tokens.shape[0])
