@@ -25,7 +25,7 @@ from deepseek_jax.sharding import BATCH_AXES, check_layout, logical_spec
 __all__ = ["hlo_collectives", "layout_report", "format_report"]
 
 _KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_OP = re.compile(r"=\s*(\([^=]*?\)|\S+)\s+(" + "|".join(_KINDS) + r")(?:-start)?\(")
+_OP = re.compile(r"=\s*(\([^()]*\)|\S+)\s+(" + "|".join(_KINDS) + r")(?:-start)?\(")
 _SHAPE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8e4m3fn|f8e5m2)\[([0-9,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}

@@ -182,6 +182,10 @@ def test_collective_bytes_of_one_sharded_matmul_match_analytic():
     hlo = jax.jit(jnp.matmul, out_shardings=sh(P("fsdp", None))).lower(x, w).compile().as_text()
     got = hlo_collectives(hlo)
     assert got["all-gather"]["bytes"] == pytest.approx(d * f * 4, rel=0.1)
+    # tuple-shaped results (combined collectives) carry /*index=N*/ comments
+    line = ("%all-to-all.7 = (f32[2,8]{1,0}, f32[2,8]{1,0}, f32[2,8]{1,0}, f32[2,8]{1,0}, f32[2,8]{1,0}, "
+            "/*index=5*/f32[2,8]{1,0}) all-to-all(%a, %b, %c, %d, %e, %f), replica_groups={{0,1}}")
+    assert hlo_collectives(line) == {"all-to-all": {"count": 1, "bytes": 6 * 16 * 4}}
 
 
 def test_info_cli_reports_a_layout():
