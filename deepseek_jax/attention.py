@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import RMSNorm, dtype_of, param
+from deepseek_jax.layers import RMSNorm, dense, dtype_of, param
 from deepseek_jax.rope import apply_rope
 from deepseek_jax.sharding import constrain
 
@@ -63,27 +63,27 @@ class MLA(nn.Module):
         if a.q_lora_rank:
             wq_a = param(self, "wq_a", (c.d_model, a.q_lora_rank), ("embed", "q_lora"), std, pd)
             wq_b = param(self, "wq_b", (a.q_lora_rank, n, p + r), ("q_lora", "heads", "qk_head"), std, pd)
-            cq = RMSNorm(a.q_lora_rank, c.rms_norm_eps, pd, name="q_norm")(x @ wq_a.astype(dt))
-            q = jnp.einsum("btq,qnh->btnh", cq, wq_b.astype(dt))
+            cq = RMSNorm(a.q_lora_rank, c.rms_norm_eps, pd, name="q_norm")(dense(x, wq_a))
+            q = dense(cq, wq_b)
         else:
             wq = param(self, "wq", (c.d_model, n, p + r), ("embed", "heads", "qk_head"), std, pd)
-            q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))
+            q = dense(x, wq)
         q = constrain(q, *_HEADS)
         q_nope, q_rope = q[..., :p], apply_rope(q[..., p:], positions, c.rope)
 
         wkv_a = param(self, "wkv_a", (c.d_model, kc + r), ("embed", "kv_lora"), std, pd)
-        kv = x @ wkv_a.astype(dt)
+        kv = dense(x, wkv_a)
         c_kv = RMSNorm(kc, c.rms_norm_eps, pd, name="kv_norm")(kv[..., :kc])
         k_rope = apply_rope(kv[..., kc:], positions, c.rope)  # [b, s, r], shared by all heads
         wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_lora", "heads", "qk_head"), std, pd)
-        kvb = constrain(jnp.einsum("bsc,cnh->bsnh", c_kv, wkv_b.astype(dt)), *_HEADS)
+        kvb = constrain(dense(c_kv, wkv_b), *_HEADS)
         k_nope, v = kvb[..., :p], kvb[..., p:]
 
         scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
         probs = _softmax(scores * c.softmax_scale, attention_mask(segment_ids), dt)
         out = constrain(jnp.einsum("bnts,bsnv->btnv", probs, v), *_HEADS)
         wo = param(self, "wo", (n, vd, c.d_model), ("heads", "head_dim", "embed"), std, pd)
-        return jnp.einsum("btnv,nvd->btd", out, wo.astype(dt))
+        return dense(out, wo, n_in=2)
 
 
 class GQA(nn.Module):
@@ -102,9 +102,9 @@ class GQA(nn.Module):
         wq = param(self, "wq", (c.d_model, n, h), ("embed", "heads", "head_dim"), std, pd)
         wk = param(self, "wk", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
         wv = param(self, "wv", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq.astype(dt)), positions, c.rope)
-        k = apply_rope(jnp.einsum("bsd,dgh->bsgh", x, wk.astype(dt)), positions, c.rope)
-        v = constrain(jnp.einsum("bsd,dgh->bsgh", x, wv.astype(dt)), *_HEADS)
+        q = apply_rope(dense(x, wq), positions, c.rope)
+        k = apply_rope(dense(x, wk), positions, c.rope)
+        v = constrain(dense(x, wv), *_HEADS)
         q, k = constrain(q, *_HEADS), constrain(k, *_HEADS)
         b, t = x.shape[:2]
         q = q.reshape(b, t, g, n // g, h)
@@ -112,7 +112,7 @@ class GQA(nn.Module):
         probs = _softmax(scores, attention_mask(segment_ids)[:, :, None], dt)
         out = jnp.einsum("bgmts,bsgh->btgmh", probs, v).reshape(b, t, n, h)
         wo = param(self, "wo", (n, h, c.d_model), ("heads", "head_dim", "embed"), std, pd)
-        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+        return dense(out, wo, n_in=2)
 
 
 def make_attention(cfg: ModelConfig, name: str) -> nn.Module:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.sharding import constrain
 
-__all__ = ["param", "RMSNorm", "MLP", "dtype_of"]
+__all__ = ["param", "dense", "RMSNorm", "MLP", "dtype_of"]
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -30,6 +30,20 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     assert len(shape) == len(axes), (name, shape, axes)
     init = nn.initializers.ones if std is None else nn.initializers.normal(std)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """Contract the last ``n_in`` dims of ``x`` with the first ``n_in`` of ``w`` as ONE 2-D matmul.
+
+    ``x[..., i1..in] · w[i1..in, o1..om] -> [..., o1..om]``. Same math as the einsum; flattening to
+    ``[tokens, in] @ [in, out]`` matters on XLA:CPU, whose backward of 3-D contractions runs ~2x slower.
+    """
+    lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    k = 1
+    for d in ins:
+        k *= d
+    y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+    return y.reshape(lead + outs)
 
 
 class RMSNorm(nn.Module):
@@ -63,7 +77,6 @@ class MLP(nn.Module):
         w1 = param(self, "w1", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w3 = param(self, "w3", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd)
-        dt = x.dtype
-        h = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
+        h = jax.nn.silu(dense(x, w1)) * dense(x, w3)
         h = constrain(h, "act_batch", "act_length", "act_mlp")
-        return h @ w2.astype(dt)
+        return dense(h, w2)

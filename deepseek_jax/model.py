@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.attention import make_attention
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import MLP, RMSNorm, dtype_of, param
+from deepseek_jax.layers import MLP, RMSNorm, dense, dtype_of, param
 from deepseek_jax.moe import MoE
 from deepseek_jax.sharding import BATCH_AXES, check_layout, constrain, param_shardings
 
@@ -97,7 +97,7 @@ class MTPModule(nn.Module):
         e = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="enorm")(emb_next)
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="hnorm")(h_prev)
         w = param(self, "eh_proj", (2 * c.d_model, c.d_model), ("mtp_concat", "embed"), c.init_std, pd)
-        x = jnp.concatenate([e, h], axis=-1) @ w.astype(h.dtype)
+        x = dense(jnp.concatenate([e, h], axis=-1), w)
         h, load = DecoderLayer(c, moe=c.moe is not None, name="layer")(x, positions, segment_ids)
         return h, RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(h), load
 
@@ -150,7 +150,7 @@ class Transformer(nn.Module):
         else:
             head = param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
         head = head.astype(dt)
-        logits = constrain((h @ head).astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+        logits = constrain(dense(h, head).astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
         mtp_logits = None
         if c.mtp.depth:
@@ -161,7 +161,7 @@ class Transformer(nn.Module):
                 prev, hk, load = MTPModule(c, name=f"mtp_{k - 1}")(prev, emb_next, positions, segment_ids)
                 if load is not None:
                     loads.append(load[None])
-                outs.append((hk @ head).astype(jnp.float32))
+                outs.append(dense(hk, head).astype(jnp.float32))
             mtp_logits = jnp.stack(outs)
         expert_load = jnp.concatenate(loads) if loads else None
         return ModelOutput(logits=logits, mtp_logits=mtp_logits, expert_load=expert_load, hidden=h)
