@@ -7,7 +7,8 @@ Per device (tokens ``x[N_batch, D]`` local, experts ``W[E_expert, D, F_tensor]``
        its k expert slots (local id, gate weight; empty slots marked) -- node-limited routing (router
        groups = expert shards) bounds a token's destinations by ``topk_group``;
     2. all_to_all over ``expert``: every shard receives the rows meant for its experts;
-    3. grouped GEMM over the received (row, slot) pairs, combined per row with the gate weights;
+    3. grouped GEMM over the received (row, slot) pairs (only the blocks in use: the buffers are sized for
+       the worst case), combined per row with the gate weights;
        ``F`` split over ``tensor`` gives partial sums, all-reduced over ``tensor``;
     4. all_to_all back, and each token sums the rows returned by its destinations.
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.moe import routed_experts
+from deepseek_jax.moe import grouped_gemm_impl, routed_experts
 from deepseek_jax.sharding import BATCH_AXES
 
 __all__ = ["ep_routed_experts", "dispatch_capacity"]
@@ -66,10 +67,10 @@ def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor):
         return jax.lax.all_to_all(a.reshape((ep, cap) + a.shape[1:]), "expert", 0, 0).reshape(a.shape)
 
     rx, rids, rgate = exchange(send_x), exchange(send_ids), exchange(send_gate)
-    zeros = lambda w: jnp.zeros((1,) + w.shape[1:], w.dtype)  # noqa: E731  the "empty" expert
-    valid = rids < e_local
-    y = routed_experts(rx, jnp.where(valid, rgate, 0), rids, jnp.concatenate([w1, zeros(w1)]),
-                       jnp.concatenate([w3, zeros(w3)]), jnp.concatenate([w2, zeros(w2)]))
+    # empty slots carry id e_local ("no expert"); the buffers are sized for the worst case and mostly
+    # empty, so on block kernels only the blocks in use are computed
+    impl = "ragged" if grouped_gemm_impl() == "ragged" else "blocks_dynamic"
+    y = routed_experts(rx, rgate, rids, w1, w3, w2, impl=impl)
     if tensor > 1:
         y = jax.lax.psum(y, "tensor")
     back = exchange(y)

@@ -11,6 +11,11 @@ backend by :func:`grouped_gemm_impl` (``benchmarks/moe_grouped_gemm.py`` measure
 * ``"blocks"``: rows padded per expert to multiples of ``block`` and computed as a batched matmul
   with one expert's weights per block (``[nb, B, d] · [nb, d, f]``): XLA:CPU has no fast ragged
   kernel, and this wastes at most ``e * (block - 1)`` rows.
+* ``"blocks_dynamic"``: the same layout, but only the blocks in use are computed (a loop up to the
+  used-block count, with a custom VJP). For buffers sized for the worst case and mostly empty, as
+  the expert-parallel receive buffers are; on a full buffer the batched matmul is ~25% faster.
+
+Expert ids ``>= e`` mean "no expert": such (token, slot) pairs are not computed and contribute zero.
 
 :func:`moe_dense_reference` computes every expert on every token; it is the test oracle.
 """
@@ -28,7 +33,7 @@ from deepseek_jax.layers import MLP, dtype_of, param
 
 __all__ = ["route", "grouped_gemm_impl", "default_block", "routed_experts", "moe_dense_reference", "MoE"]
 
-GroupedImpl = Literal["blocks", "ragged"]
+GroupedImpl = Literal["blocks", "blocks_dynamic", "ragged"]
 
 
 def route(logits: jax.Array, bias: jax.Array | None, moe: MoEConfig) -> tuple[jax.Array, jax.Array]:
@@ -74,20 +79,47 @@ def default_block(rows: int, experts: int) -> int:
     return int(min(128, max(8, 1 << (mean - 1).bit_length())))
 
 
+@jax.custom_vjp
+def _used_block_mm(a: jax.Array, w: jax.Array, block_e: jax.Array, n_used: jax.Array) -> jax.Array:
+    """``out[g] = a[g] @ w[block_e[g]]`` for ``g < n_used`` (zeros after): ``a [nb, B, i]``, ``w [e, i, o]``."""
+    out = jnp.zeros(a.shape[:2] + w.shape[2:], a.dtype)
+    return jax.lax.fori_loop(0, n_used, lambda g, out: out.at[g].set(a[g] @ w[block_e[g]]), out)
+
+
+def _used_block_mm_fwd(a, w, block_e, n_used):
+    return _used_block_mm(a, w, block_e, n_used), (a, w, block_e, n_used)
+
+
+def _used_block_mm_bwd(res, dy):
+    a, w, block_e, n_used = res
+
+    def body(g, carry):
+        da, dw = carry
+        return da.at[g].set(dy[g] @ w[block_e[g]].T), dw.at[block_e[g]].add(a[g].T @ dy[g])
+
+    da, dw = jax.lax.fori_loop(0, n_used, body, (jnp.zeros_like(a), jnp.zeros_like(w)))
+    return da, dw, None, None
+
+
+_used_block_mm.defvjp(_used_block_mm_fwd, _used_block_mm_bwd)
+
+
 def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                    w2: jax.Array, impl: GroupedImpl | None = None, block: int | None = None) -> jax.Array:
     """Dropless routed experts: ``x [n, d]``, ``weights/experts [n, k]``, ``w1/w3 [e, d, f]``, ``w2 [e, f, d]``.
 
-    Returns ``sum_j weights[:, j] * FFN_{experts[:, j]}(x)`` as ``[n, d]``. ``impl`` defaults to
-    :func:`grouped_gemm_impl`; ``block`` (``"blocks"`` only) to :func:`default_block`.
+    Returns ``sum_j weights[:, j] * FFN_{experts[:, j]}(x)`` as ``[n, d]``; ids ``>= e`` contribute zero.
+    ``impl`` defaults to :func:`grouped_gemm_impl`; ``block`` (block kernels) to :func:`default_block`.
     """
     n, d = x.shape
     e, k = w1.shape[0], experts.shape[1]
     m = n * k
     flat = experts.reshape(m)
-    order = jnp.argsort(flat, stable=True)  # sorted pair -> original pair index
+    order = jnp.argsort(flat, stable=True)  # sorted pair -> original pair index; "no expert" pairs last
     token = order // k
-    counts = jnp.bincount(flat, length=e).astype(jnp.int32)
+    counts = jnp.zeros((e,), jnp.int32).at[flat].add(1, mode="drop")
+    sorted_e = flat[order]
+    valid = sorted_e < e
     impl = impl or grouped_gemm_impl()
     if impl == "ragged":
         xs = x[token]  # [m, d], grouped by expert
@@ -95,27 +127,34 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
         def mm(a, w):
             return jax.lax.ragged_dot(a, w, counts)
 
-        ys = _swiglu(xs, w1, w3, w2, mm)
-    elif impl == "blocks":
+        ys = jnp.where(valid[:, None], _swiglu(xs, w1, w3, w2, mm), 0)
+    elif impl in ("blocks", "blocks_dynamic"):
         block = block or default_block(m, e)
         nb = m // block + e  # static bound on sum_e ceil(count_e / block)
         padded = (counts + block - 1) // block * block
         pend = jnp.cumsum(padded)
         start = jnp.cumsum(counts) - counts
-        sorted_e = flat[order]
-        dest = pend[sorted_e] - padded[sorted_e] + jnp.arange(m) - start[sorted_e]  # row in padded buffer
-        src = jnp.full((nb * block,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
+        se = jnp.minimum(sorted_e, e - 1)
+        dest = pend[se] - padded[se] + jnp.arange(m) - start[se]  # row in the padded buffer
+        dest = jnp.where(valid, dest, nb * block)  # "no expert": outside the buffer
+        src = jnp.full((nb * block,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
         x_ext = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
         tok_ext = jnp.concatenate([token, jnp.array([n], token.dtype)])
         xb = x_ext[tok_ext[src]].reshape(nb, block, d)
         block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb) * block, side="right"), e - 1)
+        if impl == "blocks":
+            def mm(a, w):  # [nb, B, i] . [nb, i, o]: one expert's weights per block
+                return jnp.einsum("gbi,gio->gbo", a, w[block_e])
+        else:
+            n_used = pend[-1] // block
 
-        def mm(a, w):  # [nb, B, i] . [nb, i, o]: one expert's weights per block
-            return jnp.einsum("gbi,gio->gbo", a, w[block_e])
+            def mm(a, w):
+                return _used_block_mm(a, w, block_e, n_used)
 
-        ys = _swiglu(xb, w1, w3, w2, mm).reshape(nb * block, d)[dest]
+        yb = _swiglu(xb, w1, w3, w2, mm).reshape(nb * block, d)
+        ys = yb.at[dest].get(mode="fill", fill_value=0)
     else:
-        raise ValueError(f"impl={impl!r} must be 'blocks' or 'ragged'")
+        raise ValueError(f"impl={impl!r} must be 'blocks', 'blocks_dynamic' or 'ragged'")
     inv = jnp.argsort(order)  # original pair -> sorted position
     y_pairs = ys[inv].reshape(n, k, d)
     return jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(ys.dtype))

@@ -22,7 +22,7 @@ def _problem(n=96, d=32, f=16, e=8, k=2, seed=0):
     return x, weights, experts, w1, w3, w2, cot
 
 
-@pytest.mark.parametrize("impl,block", [("blocks", 8), ("blocks", 64), ("ragged", None)])
+@pytest.mark.parametrize("impl,block", [("blocks", 8), ("blocks", 64), ("blocks_dynamic", 8), ("ragged", None)])
 def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block):
     x, weights, experts, w1, w3, w2, cot = _problem()
     assert set(np.unique(experts)) == set(range(6))  # experts 6 and 7 get no tokens
@@ -39,6 +39,21 @@ def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block):
     for name, a, b in zip(["x", "weights", "w1", "w3", "w2"], g_ours, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
     assert float(jnp.abs(g_ours[2][6:]).max()) == 0.0  # idle experts receive zero gradient
+
+
+@pytest.mark.parametrize("impl", ["blocks", "blocks_dynamic", "ragged"])
+def test_no_expert_ids_contribute_nothing(impl):
+    """Ids >= e mark empty slots (expert-parallel receive buffers): equal to dropping those slots."""
+    x, weights, experts, w1, w3, w2, cot = _problem()
+    e = w1.shape[0]
+    empty = jnp.asarray(np.random.RandomState(3).rand(*experts.shape) < 0.6)
+    marked = jnp.where(empty, e, experts)
+    ref = lambda x, w: moe_dense_reference(x, jnp.where(empty, 0.0, w), experts, w1, w3, w2)  # noqa: E731
+    ours = lambda x, w: routed_experts(x, w, marked, w1, w3, w2, impl=impl, block=8)  # noqa: E731
+    np.testing.assert_allclose(ours(x, weights), ref(x, weights), rtol=1e-5, atol=1e-5)
+    g1 = jax.grad(lambda x: jnp.sum(ours(x, weights) * cot))(x)
+    g2 = jax.grad(lambda x: jnp.sum(ref(x, weights) * cot))(x)
+    np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
 
 
 def test_blocks_path_handles_every_token_on_one_expert():
