@@ -17,6 +17,7 @@ it does nothing unless a mesh is set (``jax.set_mesh``), so single-device code i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -105,7 +106,9 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_spec(names))
 
 
+@functools.lru_cache(maxsize=16)
 def _logical_tree(cfg: ModelConfig) -> Any:
+    """Shapes and logical axes of every variable (cached: ``forward(mesh=)`` asks on every call)."""
     from deepseek_jax.model import abstract_variables
 
     return abstract_variables(cfg)
