@@ -1,4 +1,5 @@
-"""``deepseek-jax`` command line: ``info`` (parameter counts, KV-cache sizes, and with ``--mesh`` a layout report)."""
+"""``deepseek-jax`` command line: ``train`` (the main job) and ``info`` (parameter counts, KV-cache sizes,
+and with ``--mesh`` a layout report)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,45 @@ def _layout(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import math
+    import os
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.out is not None:
+        overrides.append(f"train.out={args.out}")
+    if args.mesh is not None:
+        overrides.append(f"train.mesh={args.mesh}")
+    if args.num_processes > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        import jax
+
+        if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        if args.mesh:
+            from deepseek_jax.sharding import parse_mesh
+
+            _fake_cpu_devices(math.prod(parse_mesh(args.mesh).values()) // max(args.num_processes, 1))
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.mesh:
+        from deepseek_jax.sharding import parse_mesh
+
+        _fake_cpu_devices(math.prod(parse_mesh(args.mesh).values()))
+    from deepseek_jax.train import TrainingDiverged, load_run_config, train
+
+    cfg, tcfg = load_run_config(args.config, overrides)
+    try:
+        summary = train(cfg, tcfg, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"deepseek-jax train: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek models in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128, help="sequence length of the step analysed with --mesh")
     p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the step")
     p.set_defaults(fn=_info)
+
+    t = sub.add_parser("train", help="train (or resume) a model: the project's main job")
+    t.add_argument("--config", default="configs/tiny.yaml", help="preset name or YAML path (model + train: section)")
+    t.add_argument("--steps", type=int, help="override train.steps")
+    t.add_argument("--out", help="override train.out (the run folder; an existing run there is resumed)")
+    t.add_argument("--mesh", help="e.g. data=2,expert=2,tensor=2 (fakes CPU devices if needed)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
+    t.add_argument("--coordinator", help="multi-process: host:port of process 0 (jax.distributed)")
+    t.add_argument("--num-processes", type=int, default=1)
+    t.add_argument("--process-id", type=int, default=0)
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16 moe.n_routed_experts=8")
+    t.set_defaults(fn=_train)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -398,6 +398,7 @@ def load_config(path: str | Path, **overrides: Any) -> ModelConfig:
         p = cand
     with open(p) as f:
         d = yaml.safe_load(f) or {}
+    d.pop("train", None)  # the run settings of a preset (train.TrainConfig), not the architecture
     try:
         return config_from_dict(_merge(d, overrides))
     except ValueError as e:

@@ -13,6 +13,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.sharding import constrain
@@ -77,6 +78,6 @@ class MLP(nn.Module):
         w1 = param(self, "w1", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w3 = param(self, "w3", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd)
-        h = jax.nn.silu(dense(x, w1)) * dense(x, w3)
+        h = jax.nn.silu(checkpoint_name(dense(x, w1), "mlp_in")) * checkpoint_name(dense(x, w3), "mlp_in")
         h = constrain(h, "act_batch", "act_length", "act_mlp")
         return dense(h, w2)

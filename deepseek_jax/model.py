@@ -35,7 +35,7 @@ from deepseek_jax.layers import MLP, RMSNorm, dense, dtype_of, param
 from deepseek_jax.moe import MoE
 from deepseek_jax.sharding import BATCH_AXES, check_layout, constrain, param_shardings
 
-__all__ = ["ModelOutput", "DecoderLayer", "Transformer", "forward", "init_variables", "abstract_variables",
+__all__ = ["REMAT_POLICIES", "remat_policy", "ModelOutput", "DecoderLayer", "Transformer", "forward", "init_variables", "abstract_variables",
            "check_tokens"]
 
 
@@ -73,9 +73,34 @@ class DecoderLayer(nn.Module):
 _ACT = ("act_batch", "act_length", "act_embed")
 
 
-def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
+REMAT_POLICIES = ("none", "full", "deepseek")
+
+# Values the "deepseek" policy keeps for the backward pass; everything else in a layer (RMSNorm outputs,
+# the MLA up-projections q = c_q W_uq and [k_nope|v] = c_kv W_ukv, the attention core, the SwiGLU
+# activation) is recomputed, as DeepSeek-V3 §3.2.3 / §3.3.3 describe.
+DEEPSEEK_SAVED = ("c_q", "c_kv", "attn_out", "q_proj", "k_proj", "v_proj", "mlp_in", "swiglu_in", "expert_out")
+
+
+def remat_policy(name: str):
+    """``jax.checkpoint`` policy for ``"full"`` (save nothing) or ``"deepseek"``; ``None`` for ``"none"``."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r} must be one of {REMAT_POLICIES}")
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "deepseek":
+        return jax.checkpoint_policies.save_only_these_names(*DEEPSEEK_SAVED)
+    return None
+
+
+def _layer_cls(remat: str):
+    if remat == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=remat_policy(remat), prevent_cse=False)
+
+
+def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str, remat: str = "none") -> nn.Module:
     scanned = nn.scan(
-        DecoderLayer,
+        _layer_cls(remat),
         variable_axes={"params": 0, "router": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
@@ -90,6 +115,7 @@ class MTPModule(nn.Module):
     output feeds the shared head (HF ``shared_head.norm``)."""
 
     cfg: ModelConfig
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, h_prev, emb_next, positions, segment_ids):
@@ -98,7 +124,7 @@ class MTPModule(nn.Module):
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="hnorm")(h_prev)
         w = param(self, "eh_proj", (2 * c.d_model, c.d_model), ("mtp_concat", "embed"), c.init_std, pd)
         x = dense(jnp.concatenate([e, h], axis=-1), w)
-        h, load = DecoderLayer(c, moe=c.moe is not None, name="layer")(x, positions, segment_ids)
+        h, load = _layer_cls(self.remat)(c, moe=c.moe is not None, name="layer")(x, positions, segment_ids)
         return h, RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(h), load
 
 
@@ -121,10 +147,12 @@ class Transformer(nn.Module):
     """DeepSeek causal LM. ``tokens [b, t]`` int -> :class:`ModelOutput`.
 
     ``positions [b, t]`` (default ``arange(t)``) feed RoPE; ``segment_ids [b, t]`` (default zeros)
-    restrict attention to one packed document.
+    restrict attention to one packed document. ``remat`` is the recomputation policy of every layer
+    (``"none"``, ``"full"``, ``"deepseek"``; see :func:`remat_policy`); it never changes the numbers.
     """
 
     cfg: ModelConfig
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None) -> ModelOutput:
@@ -140,9 +168,9 @@ class Transformer(nn.Module):
         x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *_ACT)
         loads = []
         if c.n_dense_layers:
-            x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers")(x, positions, segment_ids)
+            x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers", self.remat)(x, positions, segment_ids)
         if c.n_moe_layers:
-            x, load = _layer_stack(c, True, c.n_moe_layers, "moe_layers")(x, positions, segment_ids)
+            x, load = _layer_stack(c, True, c.n_moe_layers, "moe_layers", self.remat)(x, positions, segment_ids)
             loads.append(load)
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(x)
         if c.tie_embeddings:
@@ -158,7 +186,7 @@ class Transformer(nn.Module):
             for k in range(1, c.mtp.depth + 1):
                 nxt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # t_{i+k}; padding past the end
                 emb_next = constrain(jnp.take(embed, nxt, axis=0).astype(dt), *_ACT)
-                prev, hk, load = MTPModule(c, name=f"mtp_{k - 1}")(prev, emb_next, positions, segment_ids)
+                prev, hk, load = MTPModule(c, self.remat, name=f"mtp_{k - 1}")(prev, emb_next, positions, segment_ids)
                 if load is not None:
                     loads.append(load[None])
                 outs.append(dense(hk, head).astype(jnp.float32))

@@ -27,11 +27,12 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig, MoEConfig
 from deepseek_jax.layers import MLP, dtype_of, param
 
-__all__ = ["route", "grouped_gemm_impl", "default_block", "routed_experts", "moe_dense_reference", "MoE"]
+__all__ = ["route", "sequence_balance", "grouped_gemm_impl", "default_block", "routed_experts", "moe_dense_reference", "MoE"]
 
 GroupedImpl = Literal["blocks", "blocks_dynamic", "ragged"]
 
@@ -68,7 +69,7 @@ def grouped_gemm_impl(backend: str | None = None) -> GroupedImpl:
 def _swiglu(x, w1, w3, w2, mm):
     """Expert SwiGLU with ``w1 | w3`` fused into one ``[d, 2f]`` matmul (fewer, wider GEMMs)."""
     f = w1.shape[-1]
-    h = mm(x, jnp.concatenate([w1, w3], axis=-1))
+    h = checkpoint_name(mm(x, jnp.concatenate([w1, w3], axis=-1)), "swiglu_in")
     return mm(jax.nn.silu(h[..., :f]) * h[..., f:], w2)
 
 
@@ -155,6 +156,7 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
         ys = yb.at[dest].get(mode="fill", fill_value=0)
     else:
         raise ValueError(f"impl={impl!r} must be 'blocks', 'blocks_dynamic' or 'ragged'")
+    ys = checkpoint_name(ys, "expert_out")
     inv = jnp.argsort(order)  # original pair -> sorted position
     y_pairs = ys[inv].reshape(n, k, d)
     return jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(ys.dtype))
@@ -167,6 +169,22 @@ def moe_dense_reference(x: jax.Array, weights: jax.Array, experts: jax.Array, w1
     gate = jnp.einsum("nk,nke->ne", weights.astype(x.dtype), jax.nn.one_hot(experts, e, dtype=x.dtype))
     h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w1)) * jnp.einsum("nd,edf->enf", x, w3)
     return jnp.einsum("enf,efd,ne->nd", h, w2, gate)
+
+
+def sequence_balance(logits: jax.Array, experts: jax.Array, moe: MoEConfig) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance term ``sum_i f_i P_i`` (eqs. 17-20), averaged over sequences.
+
+    ``logits [b, t, e]`` router logits, ``experts [b, t, k]`` the selected ids. ``f_i = e / (k t) *
+    #{t: i in TopK_t}`` and ``P_i = mean_t s'_{i,t}`` with ``s'`` the scores normalised over all experts.
+    Multiply by ``alpha`` for the loss. Equals 1 under perfect balance and uniform scores.
+    """
+    e, k = logits.shape[-1], experts.shape[-1]
+    t = logits.shape[1]
+    s = jax.nn.sigmoid(logits) if moe.router.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    p = (s / s.sum(-1, keepdims=True)).mean(1)  # [b, e]
+    counts = jax.nn.one_hot(experts, e, dtype=jnp.float32).sum((1, 2))  # [b, e]
+    f = jax.lax.stop_gradient(counts * e / (k * t))
+    return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
 class MoE(nn.Module):
@@ -191,7 +209,9 @@ class MoE(nn.Module):
             bias = self.variable("router", "e_score_correction_bias",
                                  nn.with_logical_partitioning(lambda: jnp.zeros((e,), jnp.float32), ("exp",))).value
         xf = x.reshape(b * t, d)
-        weights, experts = route(xf.astype(jnp.float32) @ kernel.astype(jnp.float32), bias, m)
+        logits = xf.astype(jnp.float32) @ kernel.astype(jnp.float32)
+        weights, experts = route(logits, bias, m)
+        self.sow("intermediates", "balance", sequence_balance(logits.reshape(b, t, e), experts.reshape(b, t, -1), m))
         w1 = param(self, "w1", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
         w3 = param(self, "w3", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
         w2 = param(self, "w2", (e, f, d), ("exp", "mlp_moe", "embed"), std, pd).astype(dt)

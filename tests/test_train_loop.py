@@ -1,0 +1,144 @@
+"""The training loop end to end on small runs: resume after SIGTERM gives the same losses, a corrupted
+checkpoint is skipped, a non-finite loss stops the run naming the step, the bias update on a mesh equals
+one device, and 2 processes x 4 devices train like 1 process x 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from deepseek_jax import train as T
+
+SMALL = ["train.steps=8", "train.batch_size=8", "train.seq_len=64", "train.optim.warmup_steps=2",
+         "train.optim.lr=0.003", "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=3",
+         "train.keep_checkpoints=3", "train.sample_tokens=0", "train.data.max_documents=12"]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_sigterm_resume_is_exact_and_corrupt_checkpoint_is_skipped(tmp_path, capfd):
+    cfg, tcfg = T.load_run_config("tiny", SMALL)
+    a = T.train(cfg, tcfg.replace(out=str(tmp_path / "a")), progress=False)
+    assert a["step"] == 8 and a["val_loss"] < a["unigram_entropy"] + 1
+
+    def kill_at_5(step, rec):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    b = T.train(cfg, tcfg.replace(out=str(tmp_path / "b")), progress=False, on_step=kill_at_5)
+    assert b["stopped_by"] == "SIGTERM" and b["step"] == 5
+    b2 = T.train(cfg, tcfg.replace(out=str(tmp_path / "b")), progress=False)
+    assert b2["start_step"] == 5 and b2["step"] == 8
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(lb) == list(range(1, 9))
+    assert all(la[s] == lb[s] for s in range(1, 9)), (la, lb)  # bit-identical on CPU
+
+    # Corrupt the newest checkpoint (step 8): the run reports it and resumes from step 6.
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [5, 6, 8]
+    for f in (ckpts / "8").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    capfd.readouterr()
+    c = T.train(cfg, tcfg.replace(out=str(tmp_path / "b"), steps=9), progress=False)
+    err = capfd.readouterr().err
+    assert "checkpoint at step 8 is unreadable" in err and c["start_step"] == 6 and c["step"] == 9
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    cfg, tcfg = T.load_run_config("tiny", SMALL + ["train.optim.lr=1e30", "train.checkpoint_every=1"])
+    with pytest.raises(T.TrainingDiverged, match=r"non-finite loss .* at step (\d+).*last good checkpoint is step"):
+        T.train(cfg, tcfg.replace(out=str(tmp_path / "nan")), progress=False)
+
+
+@pytest.mark.slow
+def test_train_step_on_mesh_equals_single_device(tiny_cfg):
+    """Losses, updated parameters and the router-bias update on data=2 x expert=2 x tensor=2 equal 1 device."""
+    from deepseek_jax.sharding import make_mesh
+
+    _, tcfg = T.load_run_config("tiny", SMALL)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 512, (8, 64)).astype(np.int32)
+    seg = np.repeat(np.array([[1] * 40 + [2] * 24]), 8, 0).astype(np.int32)
+    pos = np.concatenate([np.arange(40), np.arange(24)])[None].repeat(8, 0).astype(np.int32)
+    results = []
+    for mesh in (make_mesh({"data": 1}, jax.devices()[:1]), make_mesh({"data": 2, "expert": 2, "tensor": 2})):
+        fns = T.make_train_fns(tiny_cfg, tcfg, mesh)
+        state = fns.init(jax.random.key(0))
+        batch = T.global_batch({"tokens": toks, "segment_ids": seg, "positions": pos}, fns.batch_sharding, 8)
+        state, m = fns.step(state, batch, np.float32(0.3), np.float32(0.01))
+        first = (jax.device_get(state["router"]), jax.device_get(m), jax.device_get(state["params"]))
+        state, m = fns.step(state, batch, np.float32(0.3), np.float32(0.01))
+        results.append((first, jax.device_get(state), jax.device_get(m)))
+    ((r1, f1, p1), _, m1), ((r8, f8, p8), _, m8) = results
+    # Step 1 starts from identical parameters: the global loads and the bias update are identical.
+    np.testing.assert_array_equal(f8["expert_load"], f1["expert_load"])
+    assert f1["expert_load"].sum() == 3 * 8 * 64 * 4  # 2 MoE layers + 1 MTP layer, every token of the batch
+    b1 = r1["moe_layers"]["ffn"]["e_score_correction_bias"]
+    assert np.abs(b1).max() > 0
+    np.testing.assert_array_equal(r8["moe_layers"]["ffn"]["e_score_correction_bias"], b1)
+    np.testing.assert_array_equal(r8["mtp_0"]["layer"]["ffn"]["e_score_correction_bias"],
+                                  r1["mtp_0"]["layer"]["ffn"]["e_score_correction_bias"])
+    # Adam divides by sqrt(v): a gradient entry near zero turns fp32 noise into up to ~lr of update, so
+    # the parameter check allows a small fraction of lr=3e-3 in absolute terms.
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
+    # Step 2: the losses agree to fp32 rounding (a near-tie may flip a routing choice or two).
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    assert np.abs(m8["expert_load"] - m1["expert_load"]).max() <= 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(out: Path, extra: list[str]) -> list[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "deepseek_jax.cli", "train", "--config", "tiny", "--no-progress",
+           "--coordinator", f"localhost:{port}", "--num-processes", "2", "--mesh", "data=2,expert=2,tensor=2",
+           "--out", str(out)]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)] + SMALL + extra, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    extra = ["train.steps=20", "train.checkpoint_every=20", "train.eval_every=20"]
+    _run_two_processes(tmp_path / "mp", extra)
+    cfg, tcfg = T.load_run_config("tiny", SMALL + extra + ["train.mesh=data=2,expert=2,tensor=2"])
+    T.train(cfg, tcfg.replace(out=str(tmp_path / "sp")), progress=False)
+    lm, ls = _losses(tmp_path / "mp"), _losses(tmp_path / "sp")
+    assert sorted(lm) == list(range(1, 21))
+    np.testing.assert_allclose([lm[s] for s in range(1, 21)], [ls[s] for s in range(1, 21)], rtol=1e-5)
+    assert (tmp_path / "mp" / "checkpoints" / "20").is_dir()
+    logs = _run_two_processes(tmp_path / "mp", ["train.steps=22", "train.checkpoint_every=20", "train.eval_every=20"])
+    assert "resumed from the checkpoint at step 20" in logs[0]
+    assert sorted(_losses(tmp_path / "mp")) == list(range(1, 23))
