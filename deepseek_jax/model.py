@@ -98,13 +98,23 @@ def _layer_cls(remat: str):
     return nn.remat(DecoderLayer, policy=remat_policy(remat), prevent_cse=False)
 
 
-def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str, remat: str = "none") -> nn.Module:
+def _unroll(unroll: int, length: int) -> int:
+    """Layers per scan iteration: ``unroll`` (>= 1), or for 0 ("auto") the whole stack when it has at most
+    8 layers (XLA:CPU runs an unrolled stack ~25% faster; long stacks keep one traced layer)."""
+    if unroll < 0:
+        raise ValueError(f"scan_unroll={unroll} must be >= 0 (0 = auto)")
+    return max(1, min(unroll or (length if length <= 8 else 1), length))
+
+
+def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str, remat: str = "none",
+                 unroll: int = 0) -> nn.Module:
     scanned = nn.scan(
         _layer_cls(remat),
         variable_axes={"params": 0, "router": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
+        unroll=_unroll(unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(cfg, moe, name=name)
@@ -148,11 +158,13 @@ class Transformer(nn.Module):
 
     ``positions [b, t]`` (default ``arange(t)``) feed RoPE; ``segment_ids [b, t]`` (default zeros)
     restrict attention to one packed document. ``remat`` is the recomputation policy of every layer
-    (``"none"``, ``"full"``, ``"deepseek"``; see :func:`remat_policy`); it never changes the numbers.
+    (``"none"``, ``"full"``, ``"deepseek"``; see :func:`remat_policy`); ``scan_unroll`` the layers per
+    scan iteration (0 = auto, see :func:`_unroll`). Neither changes the numbers.
     """
 
     cfg: ModelConfig
     remat: str = "none"
+    scan_unroll: int = 0
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None) -> ModelOutput:
@@ -168,9 +180,9 @@ class Transformer(nn.Module):
         x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *_ACT)
         loads = []
         if c.n_dense_layers:
-            x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers", self.remat)(x, positions, segment_ids)
+            x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers", self.remat, self.scan_unroll)(x, positions, segment_ids)
         if c.n_moe_layers:
-            x, load = _layer_stack(c, True, c.n_moe_layers, "moe_layers", self.remat)(x, positions, segment_ids)
+            x, load = _layer_stack(c, True, c.n_moe_layers, "moe_layers", self.remat, self.scan_unroll)(x, positions, segment_ids)
             loads.append(load)
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(x)
         if c.tie_embeddings:
