@@ -522,6 +522,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
     _check_out(out)
     if tcfg.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"train.seq_len={tcfg.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    previous = out / "config.yaml"
+    if previous.exists():
+        old = yaml.safe_load(previous.read_text()) or {}
+        old.pop("train", None)
+        if old != yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
+            raise ValueError(f"train.out={str(out)!r} holds a run of a different model (see {previous}); "
+                             "resume it with the same model config, or choose another train.out")
     mesh = _mesh_for(tcfg)
     check_layout(cfg, mesh, global_batch=tcfg.batch_size)
     if cfg.eos_token_id is not None and cfg.eos_token_id != 0 and not tcfg.data.tokenizer:

@@ -275,6 +275,10 @@ def test_bad_input_fails_before_compiling(tmp_path, monkeypatch):
         T.train(cfg, tcfg.replace(mesh="data=3"), progress=False)
     with pytest.raises(ValueError, match="not divisible by data"):
         T.train(cfg, tcfg.replace(mesh="data=8", batch_size=4), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.yaml").write_text("vocab_size: 1024\n")
+    with pytest.raises(ValueError, match="holds a run of a different model"):
+        T.train(cfg, tcfg.replace(out=str(tmp_path / "other")), progress=False)
     with pytest.raises(ValueError, match="unknown config key.*train.stepz"):
         T.load_run_config("tiny", ["train.stepz=3"])
     with pytest.raises(ValueError, match="train.remat"):
