@@ -483,20 +483,40 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"train.out={str(out)!r} is not a writable folder ({e.strerror}); choose another") from None
 
 
-def _restore(mngr, abstract_state, ema_like, log) -> tuple[int, Any, dict, Any] | None:
-    """The newest readable checkpoint as ``(step, state, meta, ema)``; unreadable ones are reported and skipped."""
+def _restore(mngr, abstract_state, ema_like, log, ckpt_dir: Path) -> tuple[int, Any, dict, Any] | None:
+    """The newest readable checkpoint as ``(step, state, meta, ema)``. Unreadable ones are reported and
+    moved to ``checkpoints_unreadable/`` beside the checkpoint folder (kept for inspection; the run then
+    writes those steps afresh)."""
+    import shutil
+
     import orbax.checkpoint as ocp
 
+    bad, found = [], None
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
             if ema_like is not None:
                 items["ema"] = ocp.args.StandardRestore(ema_like)
             r = mngr.restore(step, args=ocp.args.Composite(**items))
-            return step, r["state"], r["meta"], r.get("ema") if ema_like is not None else None
+            found = step, r["state"], r["meta"], r.get("ema") if ema_like is not None else None
+            break
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous one
             log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {str(e)[:200]}); trying an older one")
-    return None
+            bad.append(step)
+    if bad:
+        if jax.process_index() == 0:
+            aside = ckpt_dir.parent / "checkpoints_unreadable"
+            aside.mkdir(exist_ok=True)
+            for step in bad:
+                dst = aside / f"{step}-{int(time.time())}"
+                shutil.move(str(ckpt_dir / str(step)), str(dst))
+                log(f"moved the unreadable checkpoint {step} to {dst}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("deepseek_jax: unreadable checkpoints moved")
+        mngr.reload()
+    return found
 
 
 def _to_host(tree: Any) -> Any:
@@ -559,7 +579,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
     mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True, create=True))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = _restore(mngr, abstract, ema.value() if ema else None, log)
+    restored = _restore(mngr, abstract, ema.value() if ema else None, log, out / "checkpoints")
     start = 0
     if restored is not None:
         start, state, meta, ema_tree = restored

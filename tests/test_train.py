@@ -203,8 +203,8 @@ def test_loss_free_balancing_converges_from_a_skewed_router(gamma):
 # --------------------------------------------------------------------------------------------- recompute
 def test_remat_policies_same_numbers_less_memory(tiny_cfg, tiny_vars):
     rng = np.random.default_rng(3)
-    toks = jnp.asarray(rng.integers(0, 512, (4, 64)), jnp.int32)
-    batch = {"tokens": toks, "segment_ids": jnp.ones_like(toks), "positions": jnp.broadcast_to(jnp.arange(64), toks.shape)}
+    toks = jnp.asarray(rng.integers(0, 512, (4, 128)), jnp.int32)
+    batch = {"tokens": toks, "segment_ids": jnp.ones_like(toks), "positions": jnp.broadcast_to(jnp.arange(128), toks.shape)}
     res, mem = {}, {}
     for policy in ("none", "full", "deepseek"):
         def f(p, policy=policy):
