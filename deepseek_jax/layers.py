@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.sharding import constrain
+from deepseek_jax.sharding import constrain, fsdp_gather
 
 __all__ = ["param", "dense", "RMSNorm", "MLP", "dtype_of"]
 
@@ -30,7 +30,8 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     """A parameter with logical axes ``axes``; normal(std) init, or ones when ``std is None`` (norms)."""
     assert len(shape) == len(axes), (name, shape, axes)
     init = nn.initializers.ones if std is None else nn.initializers.normal(std)
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+    value = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+    return fsdp_gather(value, axes)  # ZeRO-3: stored sharded over fsdp, used whole (reduce-scattered grads)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:

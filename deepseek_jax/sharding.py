@@ -29,7 +29,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from deepseek_jax.config import ModelConfig
 
 __all__ = ["MESH_AXES", "RULES", "BATCH_AXES", "make_mesh", "parse_mesh", "logical_spec", "constrain",
-           "param_shardings", "shard_variables", "init_sharded", "check_layout"]
+           "param_shardings", "fsdp_gather", "shard_variables", "init_sharded", "check_layout"]
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "stage")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -112,6 +112,26 @@ def _logical_tree(cfg: ModelConfig) -> Any:
     from deepseek_jax.model import abstract_variables
 
     return abstract_variables(cfg)
+
+
+def fsdp_gather(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """FSDP (ZeRO-3): a parameter stored sharded over ``fsdp``, gathered whole where a layer uses it.
+
+    ``W[D_fsdp, F] -> W[D, F]`` by an explicit ``all_gather`` over ``fsdp`` in ``jax.shard_map``; its
+    transpose is ``psum_scatter``, so the gradient leaves the layer as a **reduce-scatter** (GSPMD alone
+    lowers it to all-reduce + slice on XLA:CPU). A no-op without a mesh or with ``fsdp = 1``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
+        return x
+    spec = logical_spec(names)
+    dims = [i for i, s in enumerate(spec) if s == "fsdp"]
+    if not dims:
+        return x
+    dim = dims[0]
+    out = P(*(None if i == dim else s for i, s in enumerate(spec)))
+    return jax.shard_map(lambda v: jax.lax.all_gather(v, "fsdp", axis=dim, tiled=True), mesh=mesh,
+                         in_specs=spec, out_specs=out, check_vma=False)(x)
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:

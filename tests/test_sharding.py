@@ -103,9 +103,12 @@ def test_dispatch_collectives_only_with_expert_parallelism(tiny_cfg, tiny_vars):
     assert "all-to-all" not in kinds and "all-reduce" in kinds  # data parallel: gradients all-reduced
 
 
-def test_fsdp_gathers_parameters(tiny_cfg, tiny_vars):
+def test_fsdp_gathers_parameters_and_reduce_scatters_gradients(tiny_cfg, tiny_vars):
     mesh = S.make_mesh(dict(fsdp=8))
-    assert "all-gather" in _collectives(tiny_cfg, S.shard_variables(tiny_cfg, tiny_vars, mesh), mesh)
+    kinds = _collectives(tiny_cfg, S.shard_variables(tiny_cfg, tiny_vars, mesh), mesh)
+    assert {"all-gather", "reduce-scatter"} <= kinds
+    without = S.make_mesh(dict(data=8))
+    assert "reduce-scatter" not in _collectives(tiny_cfg, S.shard_variables(tiny_cfg, tiny_vars, without), without)
 
 
 def _moe_stats(cfg, variables, mesh):
