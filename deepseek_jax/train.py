@@ -299,7 +299,7 @@ _PEAK_TABLE = {  # dense bf16 FLOP/s per chip
 
 
 @functools.lru_cache(maxsize=1)
-def _measured_cpu_peak(n: int = 1024, reps: int = 5) -> float:
+def _measured_cpu_peak(n: int = 2048, reps: int = 5) -> float:
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
@@ -354,7 +354,8 @@ def _key(tcfg: TrainConfig) -> TrainConfig:
     """The fields that change the compiled functions (run folders, logging and data do not)."""
     return dataclasses.replace(tcfg, out="", log_every=1, eval_every=1, checkpoint_every=1, keep_checkpoints=1,
                                sample_tokens=0, sample_prompt="", peak_flops=0.0, data=DataConfig(),
-                               mtp_lambda=0.0, bias_gamma=0.0, seed=0)
+                               mtp_lambda=0.0, bias_gamma=0.0, seed=0,
+                               optim=dataclasses.replace(tcfg.optim, ema_decay=0.0))
 
 
 def make_train_fns(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None) -> TrainFns:
@@ -717,7 +718,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
         if tcfg.sample_tokens and pcount == 1:
             text = sample_text(cfg, jax.device_get({"params": state["params"], "router": state["router"]}),
                                data.tokenizer, tcfg.sample_prompt, tcfg.sample_tokens, min(tcfg.seq_len, 256),
-                               seed=tcfg.seed)
+                               temperature=0.8, seed=tcfg.seed)
             summary["sample"] = text
             log("sample:\n" + text)
     return summary

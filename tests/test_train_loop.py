@@ -60,6 +60,27 @@ def test_sigterm_resume_is_exact_and_corrupt_checkpoint_is_skipped(tmp_path, cap
 
 
 @pytest.mark.slow
+def test_ema_is_checkpointed_and_resumed(tmp_path):
+    """The host EMA equals the closed form over the trained parameters and survives a resume."""
+    import orbax.checkpoint as ocp
+
+    cfg, tcfg = T.load_run_config("tiny", SMALL + ["train.optim.ema_decay=0.5", "train.steps=3",
+                                                   "train.checkpoint_every=1"])
+    seen = []
+    T.train(cfg, tcfg.replace(out=str(tmp_path / "e")), progress=False)
+    mngr = ocp.CheckpointManager(tmp_path / "e" / "checkpoints")
+    for step in (1, 2, 3):
+        r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), ema=ocp.args.StandardRestore()))
+        seen.append((r["state"]["params"]["embed"], r["ema"]["embed"]))
+    mngr.close()
+    (p1, e1), (p2, e2), (p3, e3) = seen
+    np.testing.assert_allclose(e2, 0.5 * e1 + 0.5 * p2, rtol=1e-6)
+    np.testing.assert_allclose(e3, 0.5 * e2 + 0.5 * p3, rtol=1e-6)
+    s = T.train(cfg, tcfg.replace(out=str(tmp_path / "e")), progress=False)  # restores state and EMA
+    assert s["start_step"] == 3 and s["step"] == 3
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     cfg, tcfg = T.load_run_config("tiny", SMALL + ["train.optim.lr=1e30", "train.checkpoint_every=1"])
     with pytest.raises(T.TrainingDiverged, match=r"non-finite loss .* at step (\d+).*last good checkpoint is step"):
