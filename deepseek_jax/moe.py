@@ -105,6 +105,35 @@ def _used_block_mm_bwd(res, dy):
 _used_block_mm.defvjp(_used_block_mm_fwd, _used_block_mm_bwd)
 
 
+@jax.custom_vjp
+def _take_rows(x: jax.Array, idx: jax.Array, back: jax.Array) -> jax.Array:
+    """``out[i] = x[idx[i]]`` (zeros where ``idx`` is out of range), for a gather whose transpose is known:
+    ``back [rows(x), S]`` lists, for every row of ``x``, the ``S`` output rows that read it (out of range =
+    none). The backward is then a gather-and-sum instead of a scatter-add (serial on XLA:CPU)."""
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, idx, back):
+    return _take_rows(x, idx, back), (idx, back)
+
+
+def _take_rows_bwd(res, g):
+    idx, back = res
+    r, s = back.shape
+    dx = jnp.take(g, back.reshape(-1), axis=0, mode="fill", fill_value=0).reshape((r, s) + g.shape[1:]).sum(1)
+    return dx, None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _select_experts(w: jax.Array, block_e: jax.Array) -> jax.Array:
+    """``w[block_e]`` as a one-hot matmul (exact: one term per output): its transpose sums the blocks of
+    each expert with a matmul instead of XLA:CPU's serial scatter-add (3x faster forward+backward)."""
+    onehot = jax.nn.one_hot(block_e, w.shape[0], dtype=w.dtype)
+    return jnp.einsum("ge,e...->g...", onehot, w, precision=jax.lax.Precision.HIGHEST)
+
+
 def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                    w2: jax.Array, impl: GroupedImpl | None = None, block: int | None = None) -> jax.Array:
     """Dropless routed experts: ``x [n, d]``, ``weights/experts [n, k]``, ``w1/w3 [e, d, f]``, ``w2 [e, f, d]``.
@@ -139,21 +168,24 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
         dest = pend[se] - padded[se] + jnp.arange(m) - start[se]  # row in the padded buffer
         dest = jnp.where(valid, dest, nb * block)  # "no expert": outside the buffer
         src = jnp.full((nb * block,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
-        x_ext = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
-        tok_ext = jnp.concatenate([token, jnp.array([n], token.dtype)])
-        xb = x_ext[tok_ext[src]].reshape(nb, block, d)
+        order_ext = jnp.concatenate([order, jnp.array([m], order.dtype)])
+        row_pair = order_ext[src]  # padded row -> original (token, slot) pair; m = padding
+        pair_row = dest[jnp.argsort(order)].reshape(n, k)  # original pair -> padded row (or out of range)
+        row_token = jnp.where(row_pair < m, row_pair // k, n)
+        xb = _take_rows(x, row_token, pair_row).reshape(nb, block, d)
         block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb) * block, side="right"), e - 1)
         if impl == "blocks":
             def mm(a, w):  # [nb, B, i] . [nb, i, o]: one expert's weights per block
-                return jnp.einsum("gbi,gio->gbo", a, w[block_e])
+                return jnp.einsum("gbi,gio->gbo", a, _select_experts(w, block_e))
         else:
             n_used = pend[-1] // block
 
             def mm(a, w):
                 return _used_block_mm(a, w, block_e, n_used)
 
-        yb = _swiglu(xb, w1, w3, w2, mm).reshape(nb * block, d)
-        ys = yb.at[dest].get(mode="fill", fill_value=0)
+        yb = checkpoint_name(_swiglu(xb, w1, w3, w2, mm).reshape(nb * block, d), "expert_out")
+        y_pairs = _take_rows(yb, pair_row.reshape(-1), row_pair[:, None]).reshape(n, k, d)
+        return jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(yb.dtype))
     else:
         raise ValueError(f"impl={impl!r} must be 'blocks', 'blocks_dynamic' or 'ragged'")
     ys = checkpoint_name(ys, "expert_out")
