@@ -711,6 +711,9 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
         bar.close()
     if writer is not None:
         writer.close()
+    if start >= tcfg.steps:
+        log(f"the run in {out} is already complete ({start} of {tcfg.steps} steps); raise train.steps to go on")
+        val_loss = validate() if val_rows else None
     summary.update(step=step, val_loss=val_loss, unigram_entropy=data.stats["unigram_entropy"])
     if "stopped_by" not in summary and step >= tcfg.steps:
         if val_loss is not None:
