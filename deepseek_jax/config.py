@@ -31,6 +31,7 @@ __all__ = [
     "MTPConfig",
     "ModelConfig",
     "load_config",
+    "resolve_config_path",
     "config_from_dict",
     "CONFIG_DIR",
 ]
@@ -384,18 +385,24 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return _from_dict(ModelConfig, d, "")
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself if it exists, else the preset of that name in ``configs/`` (``"tiny"``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    cand = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
+    if not cand.exists():
+        known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"config {str(path)!r} not found (presets: {known})")
+    return cand
+
+
 def load_config(path: str | Path, **overrides: Any) -> ModelConfig:
     """Read a YAML preset. ``path`` may be a file or a preset name in ``configs/`` (``"tiny"``).
 
     ``overrides`` are merged first, e.g. ``load_config("tiny", n_layers=4, **{"mtp.depth": 2})``.
     """
-    p = Path(path)
-    if not p.exists():
-        cand = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
-        if not cand.exists():
-            known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-            raise FileNotFoundError(f"config {str(path)!r} not found (presets: {known})")
-        p = cand
+    p = resolve_config_path(path)
     with open(p) as f:
         d = yaml.safe_load(f) or {}
     d.pop("train", None)  # the run settings of a preset (train.TrainConfig), not the architecture

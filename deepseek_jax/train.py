@@ -39,7 +39,7 @@ import optax
 import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from deepseek_jax.config import ModelConfig, _from_dict, _merge, config_from_dict, CONFIG_DIR
+from deepseek_jax.config import ModelConfig, _from_dict, _merge, config_from_dict, resolve_config_path
 from deepseek_jax.data import Batches, DataConfig, prepare_data
 from deepseek_jax.losses import cross_entropy
 from deepseek_jax.model import REMAT_POLICIES, Transformer
@@ -156,12 +156,7 @@ def _parse_value(text: str) -> Any:
 def load_run_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> tuple[ModelConfig, TrainConfig]:
     """A preset's model and ``train:`` sections, with ``key=value`` overrides (``train.steps=50``,
     ``moe.n_routed_experts=8``; values are YAML). Unknown keys are errors."""
-    p = Path(path)
-    if not p.exists():
-        cand = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
-        if not cand.exists():
-            raise FileNotFoundError(f"config {str(path)!r} not found")
-        p = cand
+    p = resolve_config_path(path)
     d = yaml.safe_load(p.read_text()) or {}
     if isinstance(overrides, dict):
         items = overrides
@@ -674,7 +669,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
                 rec["maxvio"] = float(np.mean(m["maxvio"]))
                 rec["expert_load"] = np.asarray(m["expert_load"]).astype(int).tolist()
             if step % tcfg.log_every == 0 or step == tcfg.steps:
-                record({k: v for k, v in rec.items() if k != "expert_load"} | {"expert_load": rec.get("expert_load")})
+                record(rec)
             if bar:
                 post = {"loss": f"{loss:.3f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{tps:,.0f}", "MFU": f"{rec['mfu']:.1%}"}
                 if "maxvio" in rec:

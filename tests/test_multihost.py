@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,30 +13,15 @@ import pytest
 
 import deepseek_jax as dsj
 from deepseek_jax.losses import cross_entropy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+from multiproc import free_port, run_processes
 
 
 @pytest.mark.slow
 def test_two_processes_equal_single_device(tmp_path, tiny_cfg, tiny_vars):
-    port = _free_port()
     worker = Path(__file__).parent / "multihost_worker.py"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i), "2", str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+    port = free_port()
+    run_processes([[sys.executable, str(worker), str(i), "2", str(port), str(tmp_path)] for i in range(2)], env)
     got = np.load(tmp_path / "result.npz")
     assert len(got["rows0"]) == 4  # process 0 supplied only its half of the global batch
 

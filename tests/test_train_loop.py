@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import train as T
+from multiproc import free_port, run_processes
 
 SMALL = ["train.steps=8", "train.batch_size=8", "train.seq_len=64", "train.optim.warmup_steps=2",
          "train.optim.lr=0.003", "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=3",
@@ -124,31 +123,13 @@ def test_train_step_on_mesh_equals_single_device(tiny_cfg):
     assert np.abs(m8["expert_load"] - m1["expert_load"]).max() <= 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_processes(out: Path, extra: list[str]) -> list[str]:
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "deepseek_jax.cli", "train", "--config", "tiny", "--no-progress",
-           "--coordinator", f"localhost:{port}", "--num-processes", "2", "--mesh", "data=2,expert=2,tensor=2",
+           "--coordinator", f"localhost:{free_port()}", "--num-processes", "2", "--mesh", "data=2,expert=2,tensor=2",
            "--out", str(out)]
-    procs = [subprocess.Popen(cmd + ["--process-id", str(i)] + SMALL + extra, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
-    return logs
+    return run_processes([cmd + ["--process-id", str(i)] + SMALL + extra for i in range(2)], env)
 
 
 @pytest.mark.slow
