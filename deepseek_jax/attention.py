@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import RMSNorm, dense, dtype_of, param
+from deepseek_jax.layers import RMSNorm, dtype_of, linear, param
 from deepseek_jax.rope import apply_rope
 from deepseek_jax.sharding import constrain
 
@@ -64,27 +64,27 @@ class MLA(nn.Module):
         if a.q_lora_rank:
             wq_a = param(self, "wq_a", (c.d_model, a.q_lora_rank), ("embed", "q_lora"), std, pd)
             wq_b = param(self, "wq_b", (a.q_lora_rank, n, p + r), ("q_lora", "heads", "qk_head"), std, pd)
-            cq = RMSNorm(a.q_lora_rank, c.rms_norm_eps, pd, name="q_norm")(checkpoint_name(dense(x, wq_a), "c_q"))
-            q = dense(cq, wq_b)
+            cq = RMSNorm(a.q_lora_rank, c.rms_norm_eps, pd, name="q_norm")(checkpoint_name(linear(c, x, wq_a), "c_q"))
+            q = linear(c, cq, wq_b)
         else:
             wq = param(self, "wq", (c.d_model, n, p + r), ("embed", "heads", "qk_head"), std, pd)
-            q = dense(x, wq)
+            q = linear(c, x, wq)
         q = constrain(q, *_HEADS)
         q_nope, q_rope = q[..., :p], apply_rope(q[..., p:], positions, c.rope)
 
         wkv_a = param(self, "wkv_a", (c.d_model, kc + r), ("embed", "kv_lora"), std, pd)
-        kv = checkpoint_name(dense(x, wkv_a), "c_kv")  # latent + rope key: kept by the 'deepseek' remat policy
+        kv = checkpoint_name(linear(c, x, wkv_a), "c_kv")  # latent + rope key: kept by the 'deepseek' remat policy
         c_kv = RMSNorm(kc, c.rms_norm_eps, pd, name="kv_norm")(kv[..., :kc])
         k_rope = apply_rope(kv[..., kc:], positions, c.rope)  # [b, s, r], shared by all heads
         wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_lora", "heads", "qk_head"), std, pd)
-        kvb = constrain(dense(c_kv, wkv_b), *_HEADS)
+        kvb = constrain(linear(c, c_kv, wkv_b), *_HEADS)
         k_nope, v = kvb[..., :p], kvb[..., p:]
 
         scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
         probs = _softmax(scores * c.softmax_scale, attention_mask(segment_ids), dt)
         out = checkpoint_name(constrain(jnp.einsum("bnts,bsnv->btnv", probs, v), *_HEADS), "attn_out")
-        wo = param(self, "wo", (n, vd, c.d_model), ("heads", "head_dim", "embed"), std, pd)
-        return dense(out, wo, n_in=2)
+        wo = param(self, "wo", (n, vd, c.d_model), ("heads", "head_dim", "embed"), std, pd, n_in=2)
+        return linear(c, out, wo, n_in=2)
 
 
 class GQA(nn.Module):
@@ -103,17 +103,17 @@ class GQA(nn.Module):
         wq = param(self, "wq", (c.d_model, n, h), ("embed", "heads", "head_dim"), std, pd)
         wk = param(self, "wk", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
         wv = param(self, "wv", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
-        q = apply_rope(checkpoint_name(dense(x, wq), "q_proj"), positions, c.rope)
-        k = apply_rope(checkpoint_name(dense(x, wk), "k_proj"), positions, c.rope)
-        v = constrain(checkpoint_name(dense(x, wv), "v_proj"), *_HEADS)
+        q = apply_rope(checkpoint_name(linear(c, x, wq), "q_proj"), positions, c.rope)
+        k = apply_rope(checkpoint_name(linear(c, x, wk), "k_proj"), positions, c.rope)
+        v = constrain(checkpoint_name(linear(c, x, wv), "v_proj"), *_HEADS)
         q, k = constrain(q, *_HEADS), constrain(k, *_HEADS)
         b, t = x.shape[:2]
         q = q.reshape(b, t, g, n // g, h)
         scores = jnp.einsum("btgmh,bsgh->bgmts", q, k) * c.softmax_scale
         probs = _softmax(scores, attention_mask(segment_ids)[:, :, None], dt)
         out = checkpoint_name(jnp.einsum("bgmts,bsgh->btgmh", probs, v).reshape(b, t, n, h), "attn_out")
-        wo = param(self, "wo", (n, h, c.d_model), ("heads", "head_dim", "embed"), std, pd)
-        return dense(out, wo, n_in=2)
+        wo = param(self, "wo", (n, h, c.d_model), ("heads", "head_dim", "embed"), std, pd, n_in=2)
+        return linear(c, out, wo, n_in=2)
 
 
 def make_attention(cfg: ModelConfig, name: str) -> nn.Module:

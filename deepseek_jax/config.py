@@ -29,6 +29,7 @@ __all__ = [
     "RouterConfig",
     "MoEConfig",
     "MTPConfig",
+    "FP8Config",
     "ModelConfig",
     "load_config",
     "resolve_config_path",
@@ -241,6 +242,37 @@ class MTPConfig:
 
 
 @dataclass(frozen=True)
+class FP8Config:
+    """DeepSeek-V3's fine-grained FP8 (``fp8:`` in a preset; ``fp8: true`` takes these defaults).
+
+    Every linear layer (attention projections, dense and shared MLPs, ``eh_proj``) and the routed experts
+    (one 128x128-block scale grid per expert) run through :mod:`deepseek_jax.fp8`: E4M3 operands,
+    1x128 activation tiles, 128x128 weight blocks, float32 accumulation, FP8 Dgrad and Wgrad. The
+    embedding, output head, router, norms and the attention core stay in ``dtype``; master weights
+    stay in ``param_dtype``.
+
+    Attributes:
+      scale_fmt: ``None`` (float32 scales) or ``"ue8m0"`` (power-of-two scales, V3.1's choice).
+      impl: ``"auto"`` (native FP8 dots on GPU/TPU, simulation on CPU), ``"simulate"`` or ``"native"``.
+    """
+
+    scale_fmt: str | None = None
+    impl: Literal["auto", "simulate", "native"] = "auto"
+
+    def __post_init__(self):
+        if self.scale_fmt not in (None, "ue8m0"):
+            _fail("fp8.scale_fmt", self.scale_fmt, "must be null (float32 scales) or 'ue8m0'")
+        if self.impl not in ("auto", "simulate", "native"):
+            _fail("fp8.impl", self.impl, "must be 'auto', 'simulate' or 'native'")
+
+    @property
+    def resolved_impl(self) -> str:
+        from deepseek_jax.fp8 import default_impl
+
+        return default_impl() if self.impl == "auto" else self.impl
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole architecture. See ``configs/*.yaml`` for the published presets.
 
@@ -249,6 +281,7 @@ class ModelConfig:
       intermediate_size: f of the dense SwiGLU MLP. moe: None for a dense model.
       dtype: activation/compute dtype. param_dtype: storage dtype of parameters.
       init_std: std of the normal initialiser of every weight matrix (DeepSeek: 0.006).
+      fp8: None (off) or an :class:`FP8Config` (``fp8: true`` in YAML for the defaults).
     """
 
     vocab_size: int
@@ -267,8 +300,15 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.006
+    fp8: FP8Config | None = None
 
     def __post_init__(self):
+        if self.fp8 is True:
+            object.__setattr__(self, "fp8", FP8Config())
+        elif self.fp8 is False:
+            object.__setattr__(self, "fp8", None)
+        elif self.fp8 is not None and not isinstance(self.fp8, FP8Config):
+            _fail("fp8", self.fp8, "must be true/false/null or a mapping of FP8Config fields")
         _positive(self, "vocab_size", "d_model", "n_layers", "intermediate_size", "max_position_embeddings")
         a = self.attention
         if a.kind != "mla" and a.head_dim is None:
@@ -349,7 +389,8 @@ def _from_dict(cls: type, d: Any, where: str) -> Any:
     kwargs = {}
     for k, v in d.items():
         sub = _dataclass_in(hints[k])
-        kwargs[k] = _from_dict(sub, v, f"{where}{k}.") if sub is not None and v is not None else v
+        recurse = sub is not None and v is not None and not isinstance(v, bool)  # ``fp8: true`` is allowed
+        kwargs[k] = _from_dict(sub, v, f"{where}{k}.") if recurse else v
     try:
         return cls(**kwargs)
     except TypeError as e:  # missing required fields

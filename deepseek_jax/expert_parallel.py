@@ -38,12 +38,12 @@ def dispatch_capacity(n_local: int, k: int, shards: int, capacity_factor: float 
     return max(1, min(n_local, math.ceil(capacity_factor * n_local * min(k, shards) / shards)))
 
 
-def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor):
+def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor, fp8=None):
     """Body run on every device; see module docstring. Returns (y [n, d], dropped rows, dispatched rows)."""
     ep = jax.lax.axis_size("expert")
     n, d = x.shape
     if ep == 1:  # every expert is local: no dispatch collectives at all
-        y = routed_experts(x, weights, experts, w1, w3, w2)
+        y = routed_experts(x, weights, experts, w1, w3, w2, fp8=fp8)
         y = jax.lax.psum(y, "tensor") if tensor > 1 else y
         return y, jnp.zeros((), jnp.int32), jax.lax.psum(jnp.int32(n), BATCH_AXES)
     k = experts.shape[1]
@@ -70,7 +70,7 @@ def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor):
     # empty slots carry id e_local ("no expert"); the buffers are sized for the worst case and mostly
     # empty, so on block kernels only the blocks in use are computed
     impl = "ragged" if grouped_gemm_impl() == "ragged" else "blocks_dynamic"
-    y = routed_experts(rx, rgate, rids, w1, w3, w2, impl=impl)
+    y = routed_experts(rx, rgate, rids, w1, w3, w2, impl=impl, fp8=fp8)
     if tensor > 1:
         y = jax.lax.psum(y, "tensor")
     back = exchange(y)
@@ -81,13 +81,13 @@ def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor):
     return out, dropped, dispatched
 
 
-def ep_routed_experts(x, weights, experts, w1, w3, w2, mesh, capacity_factor: float | None = None):
+def ep_routed_experts(x, weights, experts, w1, w3, w2, mesh, capacity_factor: float | None = None, fp8=None):
     """Routed experts on a mesh: ``x[N_batch, D]``, ``weights/experts[N_batch, K]``, ``w1,w3[E_expert, D, F_tensor]``,
     ``w2[E_expert, F_tensor, D]`` -> ``(y[N_batch, D], dropped, dispatched)`` (row counts, global)."""
     tensor = mesh.shape["tensor"]
     tok = P(BATCH_AXES, None)
     fn = jax.shard_map(
-        lambda *a: _local(*a, capacity_factor=capacity_factor, tensor=tensor), mesh=mesh,
+        lambda *a: _local(*a, capacity_factor=capacity_factor, tensor=tensor, fp8=fp8), mesh=mesh,
         in_specs=(tok, tok, tok, P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)),
         out_specs=(tok, P(), P()), check_vma=False)
     return fn(x, weights, experts, w1, w3, w2)

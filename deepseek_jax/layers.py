@@ -8,6 +8,7 @@ the sharding rules table maps those names to mesh axes. Logical names used here:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.sharding import constrain, fsdp_gather
 
-__all__ = ["param", "dense", "RMSNorm", "MLP", "dtype_of"]
+__all__ = ["param", "dense", "linear", "RMSNorm", "MLP", "dtype_of"]
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -26,12 +27,36 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], std: float | None,
-          dtype: jnp.dtype) -> jax.Array:
-    """A parameter with logical axes ``axes``; normal(std) init, or ones when ``std is None`` (norms)."""
+          dtype: jnp.dtype, n_in: int = 1) -> jax.Array:
+    """A parameter with logical axes ``axes``; normal(std) init, or ones when ``std is None`` (norms).
+
+    A weight stored as FP8 (``hf.load_checkpoint(..., keep_fp8=True)``) comes with its 128x128 block
+    scales in the ``"fp8_scale"`` collection (``[..., ceil(K/128), ceil(N/128)]`` over the flattened
+    ``[in, out]`` matrix, ``n_in`` leading dims being inputs, one grid per leading index such as an
+    expert); it is returned as ``q * scale`` in ``dtype``, which the FP8 path re-quantises to exactly
+    ``q`` and ``scale``.
+    """
     assert len(shape) == len(axes), (name, shape, axes)
     init = nn.initializers.ones if std is None else nn.initializers.normal(std)
     value = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
-    return fsdp_gather(value, axes)  # ZeRO-3: stored sharded over fsdp, used whole (reduce-scattered grads)
+    if jnp.dtype(value.dtype).itemsize == 1 and jnp.issubdtype(value.dtype, jnp.floating):
+        value = _dequantize_param(module, name, value, n_in, dtype)
+    return fsdp_gather(value, axes)
+
+
+def _dequantize_param(module: nn.Module, name: str, q: jax.Array, n_in: int, dtype) -> jax.Array:
+    from deepseek_jax.fp8 import dequantize
+
+    if not module.has_variable("fp8_scale", name):
+        raise ValueError(f"parameter {module.path}/{name} is FP8 ({q.dtype}) but has no 'fp8_scale' entry; "
+                         "load FP8 checkpoints with hf.load_checkpoint(..., keep_fp8=True)")
+    scale = module.get_variable("fp8_scale", name)
+    nb = scale.ndim - 2
+    core = q.shape[nb:]
+    k = math.prod(core[:n_in])
+
+    lead = q.shape[:nb]
+    return dequantize(q.reshape(lead + (k, -1)), scale, (128, 128)).reshape(q.shape).astype(dtype)  # ZeRO-3: stored sharded over fsdp, used whole (reduce-scattered grads)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -45,6 +70,20 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     for d in ins:
         k *= d
     y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+    return y.reshape(lead + outs)
+
+
+def linear(cfg: ModelConfig, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """A linear layer: :func:`dense`, or its FP8 form (:func:`deepseek_jax.fp8.dense`: 1x128 activation
+    tiles, 128x128 blocks of the flattened ``[in, out]`` weight -- the checkpoint's blocks, transposed)
+    when ``cfg.fp8`` is set. The embedding, head and router do not come through here."""
+    if cfg.fp8 is None:
+        return dense(x, w, n_in)
+    from deepseek_jax import fp8
+
+    lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    k = math.prod(ins)
+    y = fp8.dense(x.reshape(-1, k), w.reshape(k, -1), cfg.fp8.scale_fmt, cfg.fp8.resolved_impl)
     return y.reshape(lead + outs)
 
 
@@ -79,6 +118,6 @@ class MLP(nn.Module):
         w1 = param(self, "w1", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w3 = param(self, "w3", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd)
-        h = jax.nn.silu(checkpoint_name(dense(x, w1), "mlp_in")) * checkpoint_name(dense(x, w3), "mlp_in")
+        h = jax.nn.silu(checkpoint_name(linear(c, x, w1), "mlp_in")) * checkpoint_name(linear(c, x, w3), "mlp_in")
         h = constrain(h, "act_batch", "act_length", "act_mlp")
-        return dense(h, w2)
+        return linear(c, h, w2)

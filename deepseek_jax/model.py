@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.attention import make_attention
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import MLP, RMSNorm, dense, dtype_of, param
+from deepseek_jax.layers import MLP, RMSNorm, dense, dtype_of, linear, param
 from deepseek_jax.moe import MoE
 from deepseek_jax.sharding import BATCH_AXES, check_layout, constrain, param_shardings
 
@@ -112,7 +112,7 @@ def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str, remat: str
                  unroll: int = 0) -> nn.Module:
     scanned = nn.scan(
         _layer_cls(remat),
-        variable_axes={"params": 0, "router": 0, "intermediates": 0},
+        variable_axes={"params": 0, "router": 0, "intermediates": 0, "fp8_scale": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
@@ -135,7 +135,7 @@ class MTPModule(nn.Module):
         e = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="enorm")(emb_next)
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="hnorm")(h_prev)
         w = param(self, "eh_proj", (2 * c.d_model, c.d_model), ("mtp_concat", "embed"), c.init_std, pd)
-        x = dense(jnp.concatenate([e, h], axis=-1), w)
+        x = linear(c, jnp.concatenate([e, h], axis=-1), w)
         h, load = _layer_cls(self.remat)(c, moe=c.moe is not None, name="layer")(x, positions, segment_ids)
         return h, RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(h), load
 

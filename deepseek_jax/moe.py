@@ -134,12 +134,35 @@ def _select_experts(w: jax.Array, block_e: jax.Array) -> jax.Array:
     return jnp.einsum("ge,e...->g...", onehot, w, precision=jax.lax.Precision.HIGHEST)
 
 
+def _ragged_mm(a, w, counts):
+    return jax.lax.ragged_dot(a, w, counts)
+
+
+def _blocks_mm(a, w, block_e):
+    """``[nb, B, i] . [nb, i, o]``: one expert's weights per block."""
+    return jnp.einsum("gbi,gio->gbo", a, _select_experts(w, block_e))
+
+
+def _grouped(mm, fp8, *aux):
+    """``mm(a, w, *aux)``, through :func:`deepseek_jax.fp8.qdot` (FP8 activations, Dgrad, Wgrad) when
+    ``fp8`` is an :class:`FP8Config`."""
+    if fp8 is None:
+        return lambda a, w: mm(a, w, *aux)
+    from deepseek_jax.fp8 import qdot
+
+    return lambda a, w: qdot(mm, fp8.scale_fmt, a, w, *aux)
+
+
 def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
-                   w2: jax.Array, impl: GroupedImpl | None = None, block: int | None = None) -> jax.Array:
+                   w2: jax.Array, impl: GroupedImpl | None = None, block: int | None = None,
+                   fp8=None) -> jax.Array:
     """Dropless routed experts: ``x [n, d]``, ``weights/experts [n, k]``, ``w1/w3 [e, d, f]``, ``w2 [e, f, d]``.
 
     Returns ``sum_j weights[:, j] * FFN_{experts[:, j]}(x)`` as ``[n, d]``; ids ``>= e`` contribute zero.
     ``impl`` defaults to :func:`grouped_gemm_impl`; ``block`` (block kernels) to :func:`default_block`.
+    ``fp8`` (an :class:`~deepseek_jax.config.FP8Config`): the grouped GEMMs take FP8 activations (1x128
+    tiles; 128x1 token tiles per expert block for Wgrad); the weights must already be on their per-expert
+    FP8 grid (:func:`deepseek_jax.fp8.quantize_weight`, as :class:`MoE` does before dispatch).
     """
     n, d = x.shape
     e, k = w1.shape[0], experts.shape[1]
@@ -153,10 +176,7 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
     impl = impl or grouped_gemm_impl()
     if impl == "ragged":
         xs = x[token]  # [m, d], grouped by expert
-
-        def mm(a, w):
-            return jax.lax.ragged_dot(a, w, counts)
-
+        mm = _grouped(_ragged_mm, fp8, counts)
         ys = jnp.where(valid[:, None], _swiglu(xs, w1, w3, w2, mm), 0)
     elif impl in ("blocks", "blocks_dynamic"):
         block = block or default_block(m, e)
@@ -175,13 +195,9 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
         xb = _take_rows(x, row_token, pair_row).reshape(nb, block, d)
         block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb) * block, side="right"), e - 1)
         if impl == "blocks":
-            def mm(a, w):  # [nb, B, i] . [nb, i, o]: one expert's weights per block
-                return jnp.einsum("gbi,gio->gbo", a, _select_experts(w, block_e))
+            mm = _grouped(_blocks_mm, fp8, block_e)
         else:
-            n_used = pend[-1] // block
-
-            def mm(a, w):
-                return _used_block_mm(a, w, block_e, n_used)
+            mm = _grouped(_used_block_mm, fp8, block_e, pend[-1] // block)
 
         yb = checkpoint_name(_swiglu(xb, w1, w3, w2, mm).reshape(nb * block, d), "expert_out")
         y_pairs = _take_rows(yb, pair_row.reshape(-1), row_pair[:, None]).reshape(n, k, d)
@@ -247,13 +263,17 @@ class MoE(nn.Module):
         w1 = param(self, "w1", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
         w3 = param(self, "w3", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
         w2 = param(self, "w2", (e, f, d), ("exp", "mlp_moe", "embed"), std, pd).astype(dt)
+        if c.fp8 is not None:  # one 128x128-block grid per expert, straight-through to the master weights
+            from deepseek_jax.fp8 import quantize_weight
+
+            w1, w3, w2 = (quantize_weight(w, c.fp8.scale_fmt) for w in (w1, w3, w2))
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
-            y = routed_experts(xf, weights, experts, w1, w3, w2)
+            y = routed_experts(xf, weights, experts, w1, w3, w2, fp8=c.fp8)
         else:  # explicit dispatch over the mesh's expert axis (shard_map)
             from deepseek_jax.expert_parallel import ep_routed_experts
 
-            y, dropped, dispatched = ep_routed_experts(xf, weights, experts, w1, w3, w2, mesh, m.capacity_factor)
+            y, dropped, dispatched = ep_routed_experts(xf, weights, experts, w1, w3, w2, mesh, m.capacity_factor, c.fp8)
             self.sow("intermediates", "dropped_rows", dropped)
             self.sow("intermediates", "dispatched_rows", dispatched)
         y = y.reshape(b, t, d)

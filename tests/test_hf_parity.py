@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -51,9 +52,9 @@ def _quantize_blocks(w: np.ndarray, block=128):
     return q, scale
 
 
-def test_released_v3_fp8_layout_matches_transformers_on_dequantized_weights(tmp_path):
-    """Legacy config dialect, FP8 weights + weight_scale_inv (partial edge blocks: 192- and 160-row
-    weights), MTP layer present, split across two shards with an index."""
+def _released_checkpoint(tmp_path):
+    """A released-layout V3 checkpoint: legacy config dialect, FP8 weights + weight_scale_inv (partial edge
+    blocks: 192- and 160-row weights), MTP layer present, split across two shards with an index."""
     hf_cfg = {**R.V3_TINY, "num_nextn_predict_layers": 1}
     model = R.build(hf_cfg)
     model.save_pretrained(tmp_path / "hf")
@@ -93,6 +94,11 @@ def test_released_v3_fp8_layout_matches_transformers_on_dequantized_weights(tmp_
                                      "weight_block_size": [128, 128]}
     (ckpt / "config.json").write_text(json.dumps(legacy))
 
+    return ckpt, hf_cfg, released, dequantized
+
+
+def test_released_v3_fp8_layout_matches_transformers_on_dequantized_weights(tmp_path):
+    ckpt, hf_cfg, released, dequantized = _released_checkpoint(tmp_path)
     cfg, variables = dsj.hf.load_checkpoint(ckpt)
     assert cfg.mtp.depth == 1 and cfg.rope.yarn.factor == 4.0
 
@@ -115,6 +121,55 @@ def test_released_v3_fp8_layout_matches_transformers_on_dequantized_weights(tmp_
     # the loaded MTP eh_proj equals the checkpoint tensor, transposed to [in, out]
     np.testing.assert_array_equal(np.asarray(variables["params"]["mtp_0"]["eh_proj"]),
                                   released["model.layers.3.eh_proj.weight"].T)
+
+
+def test_released_fp8_checkpoint_kept_in_fp8(tmp_path):
+    """``keep_fp8=True``: the FP8 weights stay FP8 (half of bf16's bytes), the FP8 path re-quantises them to
+    exactly the stored blocks, and the logits match the dequantised load within the FP8 activation error."""
+    import jax
+
+    from deepseek_jax import fp8
+
+    ckpt, _, released, _ = _released_checkpoint(tmp_path)
+    cfg, deq = dsj.hf.load_checkpoint(ckpt)
+    cfg8, kept = dsj.hf.load_checkpoint(ckpt, keep_fp8=True)
+    assert cfg.fp8 is None and cfg8.fp8 is not None
+    wq_b = kept["params"]["dense_layers"]["attn"]["wq_b"]
+    assert wq_b.dtype == jnp.float8_e4m3fn and kept["fp8_scale"]["dense_layers"]["attn"]["wq_b"].shape == (1, 1, 2)
+    # the stored scales are the checkpoint's, transposed to our [in, out] layout
+    np.testing.assert_array_equal(np.asarray(kept["fp8_scale"]["moe_layers"]["ffn"]["w2"][1, 3]),
+                                  released["model.layers.2.mlp.experts.3.down_proj.weight_scale_inv"].T)
+    # re-quantising a kept weight (as the FP8 path does) gives back its own FP8 values, bit for bit
+    w = np.asarray(deq["params"]["moe_layers"]["ffn"]["w1"][0, 5])
+    q, _ = fp8.quantize(jnp.asarray(w), (128, 128))
+    np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)),
+                                  np.asarray(kept["params"]["moe_layers"]["ffn"]["w1"][0, 5].astype(jnp.float32)))
+
+    fp8_leaves = [x for x in jax.tree_util.tree_leaves(kept["params"]) if x.dtype == jnp.float8_e4m3fn]
+    n_fp8 = sum(x.size for x in fp8_leaves)
+    n_expected = sum(v.size for k, v in released.items() if v.dtype == ml_dtypes.float8_e4m3fn
+                     and not k.startswith("model.layers.3."))  # the MTP layer's weights count below
+    n_expected += sum(v.size for k, v in released.items() if k.startswith("model.layers.3.") and v.dtype ==
+                      ml_dtypes.float8_e4m3fn)
+    assert n_fp8 == n_expected
+    bytes_fp8 = fp8.weight_bytes(fp8_leaves)
+    bytes_bf16 = 2 * n_fp8
+    bytes_scales = fp8.weight_bytes(kept["fp8_scale"])
+    print(f"FP8-held weights: {bytes_fp8} B vs {bytes_bf16} B in bf16 (+{bytes_scales} B of scales)")
+    assert bytes_fp8 * 2 == bytes_bf16
+
+    out_kept = dsj.Transformer(cfg8).apply(kept, TOKENS)
+    out_same_path = dsj.Transformer(cfg8).apply(deq, TOKENS)  # FP8 path on the dequantised weights
+    out_deq = dsj.Transformer(cfg).apply(deq, TOKENS)  # plain float32 on the dequantised weights
+    np.testing.assert_allclose(np.asarray(out_kept.logits), np.asarray(out_same_path.logits), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out_kept.mtp_logits), np.asarray(out_same_path.mtp_logits), rtol=0, atol=1e-6)
+    a, b = np.asarray(out_kept.logits), np.asarray(out_deq.logits)
+    err = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    print(f"keep_fp8 logits vs dequantised load: |d|/|logits| = {err:.3f}, max|d|/max|logit| = {R.rel_err(a, b):.3f}")
+    # Only the activations differ: E4M3 rounds each to at most 2^-4 relative (RMS ~2^-4/sqrt(3) = 3.6%), and
+    # a token's path crosses ~12 FP8 GEMMs in a row (3 layers x q_a, q_b, kv_a, kv_b, o, w1/w3, w2 + MTP-free
+    # head path): sqrt(12) x 3.6% = 12.5% expected at random init; a wrong scale layout errs by O(100%).
+    assert 1e-4 < err < 0.2
 
 
 def _randomize_norms(variables, seed=0):

@@ -7,7 +7,10 @@ float32 dequantised copy). Every leaf is then handed to JAX one at a time.
 
 FP8 weights (``float8_e4m3fn`` with ``weight_scale_inv [ceil(N/128), ceil(K/128)]``, the
 dequantisation multiplier, partial edge blocks allowed) are dequantised as
-``W[i, j] = W_fp8[i, j] * weight_scale_inv[i // 128, j // 128]`` in float32.
+``W[i, j] = W_fp8[i, j] * weight_scale_inv[i // 128, j // 128]`` in float32 -- or, with
+``keep_fp8=True``, kept: the parameter leaf holds the FP8 values in our ``[in, out]`` layout and the
+collection ``"fp8_scale"`` holds the same scales transposed (``[ceil(K/128), ceil(N/128)]`` per layer and
+expert), and the model's FP8 path runs on them (see :func:`deepseek_jax.layers.param`).
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class _Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.files[self.where[name]].shape(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self.files[self.where[name]].dtype(name)
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()
@@ -87,13 +93,20 @@ def _leaf_key(rule: Rule) -> tuple[str, ...]:
     return (rule.collection,) + rule.path
 
 
-def load_checkpoint(path: str | Path, dtype: Any = jnp.float32, mtp: bool | None = None) -> tuple[ModelConfig, dict]:
+def load_checkpoint(path: str | Path, dtype: Any = jnp.float32, mtp: bool | None = None,
+                    keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
     """Load a Hugging Face checkpoint directory into ``(ModelConfig, variables)``.
 
     ``dtype`` is the parameter and compute dtype of the result. ``mtp=None`` loads the MTP layers
     when the checkpoint has them (``transformers`` drops them on save); ``False`` skips them;
     ``True`` requires them. A missing tensor, a wrong shape or an unknown tensor raises
     ``ValueError`` naming it.
+
+    ``keep_fp8=True`` keeps FP8 weights as FP8 (1 byte per value) with their ``weight_scale_inv``
+    blocks in the ``"fp8_scale"`` collection, and returns a config with ``fp8`` on, so the weights run
+    through the FP8 path (whose weight quantisation gives back exactly the stored blocks) instead of
+    being dequantised at load. A weight is kept FP8 when every checkpoint tensor of its variable is FP8
+    with 128x128 blocks (else it is dequantised, as without the option).
     """
     path = Path(path)
     cfg = config_from_hf(path)
@@ -107,7 +120,9 @@ def load_checkpoint(path: str | Path, dtype: Any = jnp.float32, mtp: bool | None
         cfg = cfg.replace(dtype=dt_name, param_dtype=dt_name, **{"mtp.depth": depth})
         block = tuple(json.loads((path / "config.json").read_text()).get("quantization_config", {})
                       .get("weight_block_size", (128, 128)))
-        variables = _read(cfg, ckpt, np.dtype(jnp.dtype(dtype)), block)
+        variables = _read(cfg, ckpt, np.dtype(jnp.dtype(dtype)), block, keep_fp8)
+        if "fp8_scale" in variables and cfg.fp8 is None:
+            cfg = cfg.replace(fp8=True)
     finally:
         ckpt.close()
     return cfg, variables
@@ -118,7 +133,16 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _read(cfg: ModelConfig, ckpt: _Checkpoint, np_dtype: np.dtype, block: tuple[int, int]) -> dict:
+def _keeps_blocks(rule: Rule, block: tuple[int, int]) -> bool:
+    """Whether ``rule`` maps each 128x128 block of the checkpoint weight onto one block of ours (its RoPE
+    row permutation, if any, stays inside blocks), so the released scales stay valid."""
+    if block != (128, 128) or rule.rows is None:
+        return block == (128, 128)
+    return bool(np.all(rule.rows // 128 == np.arange(len(rule.rows)) // 128))
+
+
+def _read(cfg: ModelConfig, ckpt: _Checkpoint, np_dtype: np.dtype, block: tuple[int, int],
+          keep_fp8: bool = False) -> dict:
     rules = hf_rules(cfg)
     by_name = {r.hf_name: r for r in rules}
     copies = mtp_copies(cfg)
@@ -138,13 +162,33 @@ def _read(cfg: ModelConfig, ckpt: _Checkpoint, np_dtype: np.dtype, block: tuple[
 
     template = nn.meta.unbox(abstract_variables(cfg))
     flat = {tuple(k.key for k in kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(template)[0]}
-    leaves = {key: np.empty(s.shape, np_dtype) for key, s in flat.items()}
+    fp8_keys: set = set()
+    if keep_fp8:
+        by_key: dict = {}
+        for r in rules:
+            by_key.setdefault(_leaf_key(r), []).append(r)
+        fp8_keys = {key for key, rs in by_key.items() if rs[0].n_in is not None and all(
+            ckpt.dtype(r.hf_name) in _FP8 and r.hf_name + "_scale_inv" in ckpt.where and _keeps_blocks(r, block)
+            for r in rs)}
+    leaves = {key: np.empty(s.shape, ml_dtypes.float8_e4m3fn if key in fp8_keys else np_dtype)
+              for key, s in flat.items()}
+    scales = {}
+    for key in fp8_keys:
+        rule = by_key[key][0]
+        lead = flat[key].shape[:len(rule.index)]
+        fan_in = math.prod(flat[key].shape[len(rule.index):len(rule.index) + rule.n_in])
+        fan_out = flat[key].size // math.prod(lead) // fan_in
+        scales[key] = np.empty(lead + (math.ceil(fan_in / 128), math.ceil(fan_out / 128)), np.float32)
     filled = {key: 0 for key in flat}
     for rule in sorted(rules, key=lambda r: ckpt.where[r.hf_name]):  # one file at a time
-        w = _tensor(ckpt, rule.hf_name, block)
+        key = _leaf_key(rule)
+        if key in fp8_keys:
+            w = ckpt.get(rule.hf_name).astype(ml_dtypes.float8_e4m3fn)
+            scales[key][rule.index] = ckpt.get(rule.hf_name + "_scale_inv").astype(np.float32).T
+        else:
+            w = _tensor(ckpt, rule.hf_name, block)
         if w.shape != rule.hf_shape:
             raise ValueError(f"tensor {rule.hf_name} has shape {w.shape}, expected {rule.hf_shape}")
-        key = _leaf_key(rule)
         leaves[key][rule.index] = rule.to_ours(w)
         filled[key] += w.size
         del w
@@ -160,6 +204,11 @@ def _read(cfg: ModelConfig, ckpt: _Checkpoint, np_dtype: np.dtype, block: tuple[
         for part in key[:-1]:
             node = node.setdefault(part, {})
         node[key[-1]] = jnp.asarray(leaves.pop(key))  # one leaf at a time
+    for key, sc in scales.items():
+        node = out.setdefault("fp8_scale", {})
+        for part in key[1:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = jnp.asarray(sc)
     return out
 
 

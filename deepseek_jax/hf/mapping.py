@@ -32,6 +32,8 @@ class Rule(NamedTuple):
     index: tuple[int, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    n_in: int | None = None  # linear weights: how many of our (per-layer) dims are inputs
+    rows: np.ndarray | None = None  # linear weights: the checkpoint-row permutation applied on load
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -68,7 +70,7 @@ def _layer_rules(cfg: ModelConfig, prefix: str, path: tuple[str, ...], idx: tupl
 
     def lin(hf: str, sub: tuple[str, ...], shape: tuple[int, ...], n_in: int = 1, rows=None, index=idx):
         hf_shape, f, g = _linear(shape, n_in, rows)
-        out.append(Rule(f"{prefix}.{hf}.weight", hf_shape, "params", path + sub, index, f, g))
+        out.append(Rule(f"{prefix}.{hf}.weight", hf_shape, "params", path + sub, index, f, g, n_in, rows))
 
     def norm(hf: str, sub: tuple[str, ...], dim: int):
         out.append(Rule(f"{prefix}.{hf}.weight", (dim,), "params", path + sub + ("scale",), idx, _identity, _identity))
@@ -133,7 +135,7 @@ def hf_rules(cfg: ModelConfig) -> list[Rule]:
         for hf, sub in (("enorm", "enorm"), ("hnorm", "hnorm"), ("shared_head.norm", "final_norm")):
             rules.append(Rule(f"{prefix}.{hf}.weight", (d,), "params", base + (sub, "scale"), (), _identity, _identity))
         shape, f, g = _linear((2 * d, d), 1)
-        rules.append(Rule(f"{prefix}.eh_proj.weight", shape, "params", base + ("eh_proj",), (), f, g))
+        rules.append(Rule(f"{prefix}.eh_proj.weight", shape, "params", base + ("eh_proj",), (), f, g, 1))
     return rules
 
 
