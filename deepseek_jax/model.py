@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from deepseek_jax.attention import make_attention
+from deepseek_jax.attention import CacheConfig, make_attention
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, RMSNorm, dense, dtype_of, linear, param
 from deepseek_jax.moe import MoE
@@ -56,12 +56,13 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     moe: bool
+    cache: CacheConfig | None = None
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         c, pd = self.cfg, dtype_of(self.cfg.param_dtype)
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="attn_norm")(x)
-        x = x + make_attention(c, "attn")(h, positions, segment_ids)
+        x = x + make_attention(c, "attn", self.cache)(h, positions, segment_ids)
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="ffn_norm")(x)
         if self.moe:
             y, load = MoE(c, name="ffn")(h)
@@ -109,17 +110,17 @@ def _unroll(unroll: int, length: int, remat: str = "none") -> int:
 
 
 def _layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str, remat: str = "none",
-                 unroll: int = 0) -> nn.Module:
+                 unroll: int = 0, cache: CacheConfig | None = None) -> nn.Module:
     scanned = nn.scan(
         _layer_cls(remat),
-        variable_axes={"params": 0, "router": 0, "intermediates": 0, "fp8_scale": 0},
+        variable_axes={"params": 0, "router": 0, "intermediates": 0, "fp8_scale": 0, "cache": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
         unroll=_unroll(unroll, length, remat),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(cfg, moe, name=name)
+    return scanned(cfg, moe, cache, name=name)
 
 
 class MTPModule(nn.Module):
@@ -128,6 +129,7 @@ class MTPModule(nn.Module):
 
     cfg: ModelConfig
     remat: str = "none"
+    cache: CacheConfig | None = None
 
     @nn.compact
     def __call__(self, h_prev, emb_next, positions, segment_ids):
@@ -136,7 +138,7 @@ class MTPModule(nn.Module):
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="hnorm")(h_prev)
         w = param(self, "eh_proj", (2 * c.d_model, c.d_model), ("mtp_concat", "embed"), c.init_std, pd)
         x = linear(c, jnp.concatenate([e, h], axis=-1), w)
-        h, load = _layer_cls(self.remat)(c, moe=c.moe is not None, name="layer")(x, positions, segment_ids)
+        h, load = _layer_cls(self.remat)(c, c.moe is not None, self.cache, name="layer")(x, positions, segment_ids)
         return h, RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(h), load
 
 
@@ -162,45 +164,64 @@ class Transformer(nn.Module):
     restrict attention to one packed document. ``remat`` is the recomputation policy of every layer
     (``"none"``, ``"full"``, ``"deepseek"``; see :func:`remat_policy`); ``scan_unroll`` the layers per
     scan iteration (0 = auto, see :func:`_unroll`). Neither changes the numbers.
+
+    Inference (:mod:`deepseek_jax.generate`): with ``cache`` (an :class:`~deepseek_jax.attention.CacheConfig`)
+    every attention layer reads and writes the ``"cache"`` collection (``apply(..., mutable=["cache"])``),
+    and ``positions`` must be given (slot = position). ``with_mtp=False`` skips the MTP modules;
+    ``draft_from=h [b, t, d]`` runs only MTP module 1 on ``(h, Emb(tokens))`` -- ``tokens`` being the
+    *next* tokens ``t_{i+1}`` -- and returns its logits (predicting ``t_{i+2}``) and hidden state.
     """
 
     cfg: ModelConfig
     remat: str = "none"
     scan_unroll: int = 0
+    cache: CacheConfig | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None) -> ModelOutput:
+    def __call__(self, tokens, positions=None, segment_ids=None, *, with_mtp: bool = True,
+                 draft_from=None) -> ModelOutput:
         c = self.cfg
         check_tokens(tokens, c.vocab_size)
         pd, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
         b, t = tokens.shape
         if positions is None:
+            if self.cache is not None:
+                raise ValueError("positions are required with a cache (slot = position)")
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.zeros((b, t), jnp.int32)
         embed = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
-        x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *_ACT)
-        loads = []
-        if c.n_dense_layers:
-            x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers", self.remat, self.scan_unroll)(x, positions, segment_ids)
-        if c.n_moe_layers:
-            x, load = _layer_stack(c, True, c.n_moe_layers, "moe_layers", self.remat, self.scan_unroll)(x, positions, segment_ids)
-            loads.append(load)
-        h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(x)
         if c.tie_embeddings:
             head = embed.T
         else:
             head = param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
         head = head.astype(dt)
+        if draft_from is not None:  # MTP module 1 alone: the speculative draft
+            if not c.mtp.depth:
+                raise ValueError("draft_from needs MTP modules (mtp.depth >= 1)")
+            emb = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *_ACT)
+            h1, hk, load = MTPModule(c, self.remat, self.cache, name="mtp_0")(draft_from.astype(dt), emb, positions, segment_ids)
+            return ModelOutput(logits=dense(hk, head).astype(jnp.float32), hidden=h1,
+                               expert_load=None if load is None else load[None])
+        x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *_ACT)
+        loads = []
+        if c.n_dense_layers:
+            x, _ = _layer_stack(c, False, c.n_dense_layers, "dense_layers", self.remat, self.scan_unroll,
+                                self.cache)(x, positions, segment_ids)
+        if c.n_moe_layers:
+            x, load = _layer_stack(c, True, c.n_moe_layers, "moe_layers", self.remat, self.scan_unroll,
+                                   self.cache)(x, positions, segment_ids)
+            loads.append(load)
+        h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(x)
         logits = constrain(dense(h, head).astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
         mtp_logits = None
-        if c.mtp.depth:
+        if c.mtp.depth and with_mtp:
             outs, prev = [], h
             for k in range(1, c.mtp.depth + 1):
                 nxt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # t_{i+k}; padding past the end
                 emb_next = constrain(jnp.take(embed, nxt, axis=0).astype(dt), *_ACT)
-                prev, hk, load = MTPModule(c, self.remat, name=f"mtp_{k - 1}")(prev, emb_next, positions, segment_ids)
+                prev, hk, load = MTPModule(c, self.remat, self.cache, name=f"mtp_{k - 1}")(prev, emb_next, positions, segment_ids)
                 if load is not None:
                     loads.append(load[None])
                 outs.append(dense(hk, head).astype(jnp.float32))

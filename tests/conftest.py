@@ -38,3 +38,19 @@ def jit_apply():
                        dsj.Transformer(cfg).apply(v, t, positions=positions, segment_ids=segment_ids))
 
     return make
+
+
+TINY_RUN = ["train.steps=300", "train.batch_size=4", "train.seq_len=128", "train.eval_every=300",
+            "train.eval_batches=2", "train.checkpoint_every=300", "train.sample_tokens=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny preset trained once for the session (300 steps of 4 x 128 tokens on the default corpus,
+    float32): ``(run folder, summary)``. The FP8 test compares against it; the generation tests decode with it."""
+    from deepseek_jax import train as T
+
+    cfg, tcfg = T.load_run_config("tiny", TINY_RUN)
+    out = tmp_path_factory.mktemp("tiny_run")
+    summary = T.train(cfg, tcfg.replace(out=str(out)), progress=False)
+    return out, summary

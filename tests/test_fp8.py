@@ -255,23 +255,25 @@ def test_fp8_switch_routes_linear_layers_and_experts_not_the_head(tiny_cfg, tiny
 
 
 @pytest.mark.slow
-def test_fp8_training_300_steps_matches_float32_within_1_percent(tmp_path):
-    """The tiny preset, 300 steps of 4 x 128 tokens from the same seed and data, FP8 on vs off."""
+def test_fp8_training_300_steps_matches_float32_within_1_percent(tmp_path, tiny_run):
+    """The tiny preset, 300 steps of 4 x 128 tokens from the same seed and data, FP8 on vs off (the off run
+    is the session's ``tiny_run``)."""
     import json
 
+    from conftest import TINY_RUN
     from deepseek_jax import train as T
 
-    ov = ["train.steps=300", "train.batch_size=4", "train.seq_len=128", "train.eval_every=300",
-          "train.eval_batches=2", "train.checkpoint_every=1000", "train.sample_tokens=0"]
-    final = {}
-    for on in (False, True):
-        cfg, tcfg = T.load_run_config("tiny", ov + [f"fp8={str(on).lower()}"])
-        out = tmp_path / f"fp8_{on}"
-        summary = T.train(cfg, tcfg.replace(out=str(out)), progress=False)
+    def losses(out):
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in recs if r["kind"] == "train"]
-        assert len(losses) == 300 and all(np.isfinite(losses))
-        final[on] = (losses[-1], float(np.mean(losses[-10:])), summary["val_loss"])
+        return [r["loss"] for r in recs if r["kind"] == "train"]
+
+    cfg, tcfg = T.load_run_config("tiny", TINY_RUN + ["fp8=true"])
+    summary = T.train(cfg, tcfg.replace(out=str(tmp_path / "fp8")), progress=False)
+    final = {}
+    for on, out, s in ((False, tiny_run[0], tiny_run[1]), (True, tmp_path / "fp8", summary)):
+        ls = losses(out)
+        assert len(ls) == 300 and all(np.isfinite(ls))
+        final[on] = (ls[-1], float(np.mean(ls[-10:])), s["val_loss"])
     rel = abs(final[True][0] - final[False][0]) / final[False][0]
     print(f"final training loss: float32 {final[False][0]:.4f}, FP8 {final[True][0]:.4f} (rel {rel:.4%}); "
           f"mean of last 10: {final[False][1]:.4f} vs {final[True][1]:.4f}; "

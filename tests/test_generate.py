@@ -1,0 +1,234 @@
+"""Inference: the KV cache (latent/absorbed MLA, naive MLA, GQA, FP8) against full forwards, greedy and
+speculative generation against argmax loops, and the samplers against their distributions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dsj
+from deepseek_jax import generation as G
+from deepseek_jax.attention import CacheConfig
+
+GQA_OVERRIDES = {"attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2}, "mtp.depth": 0, "rope.yarn": None}
+
+
+def _gqa_cfg(tiny_cfg):
+    d = tiny_cfg.to_dict()
+    d["attention"] = GQA_OVERRIDES["attention"]
+    d["mtp"] = {"depth": 0}
+    d["rope"] = {"theta": 10000.0, "yarn": None}
+    return dsj.ModelConfig.from_dict(d)
+
+
+def _teacher_forced(cfg, variables, seqs, lengths, kind="latent", dtype=None, mesh=None):
+    """Prefill each row's first ``lengths[i]`` tokens, then feed the rest one token per step through the
+    cache; returns the logits ``[b, T, v]`` each position got (prefill positions from the prefill)."""
+    b, t = seqs.shape
+    size = t + 2
+    cc = CacheConfig(size, kind, dtype or cfg.dtype)
+    model = dsj.Transformer(cfg, cache=cc)
+
+    @jax.jit
+    def run(v, cache, tokens, positions):
+        out, upd = model.apply({**v, "cache": cache}, tokens, positions, with_mtp=False, mutable=["cache"])
+        return out.logits, upd["cache"]
+
+    got = np.zeros((b, t, cfg.vocab_size), np.float32)
+    ctx = jax.set_mesh(mesh) if mesh is not None else _null()
+    with ctx:
+        v = dsj.sharding.shard_variables(cfg, variables, mesh) if mesh is not None else variables
+        cache = G.init_cache(cfg, b, size, kind, dtype, mesh)
+        width = int(lengths.max())
+        prompt = np.where(np.arange(width)[None] < lengths[:, None], seqs[:, :width], 0).astype(np.int32)
+        logits, cache = run(v, cache, jnp.asarray(prompt), jnp.asarray(np.broadcast_to(np.arange(width), (b, width))))
+        logits = np.asarray(logits)
+        for i in range(b):
+            got[i, :lengths[i]] = logits[i, :lengths[i]]
+        pos = lengths.copy()
+        while (pos < t).any():
+            tok = seqs[np.arange(b), np.minimum(pos, t - 1)][:, None]
+            logits, cache = run(v, cache, jnp.asarray(tok), jnp.asarray(pos[:, None]))
+            logits = np.asarray(logits)
+            for i in range(b):
+                if pos[i] < t:
+                    got[i, pos[i]] = logits[i, 0]
+            pos = pos + 1
+    return got
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("arch", ["mla", "gqa"])
+@pytest.mark.parametrize("layout", ["single", "mesh"])
+def test_prefill_then_decode_equals_full_forward(arch, layout, tiny_cfg, tiny_vars):
+    cfg = tiny_cfg if arch == "mla" else _gqa_cfg(tiny_cfg)
+    variables = tiny_vars if arch == "mla" else dsj.init_variables(cfg, 1)
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(0, cfg.vocab_size, (4, 14)).astype(np.int32)
+    lengths = np.array([3, 9, 1, 6], np.int32)  # ragged prompts in one batch
+    full = np.asarray(dsj.forward(cfg, variables, seqs))
+    mesh = dsj.sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2}) if layout == "mesh" else None
+    got = _teacher_forced(cfg, variables, seqs, lengths, mesh=mesh)
+    err = _rel(got, full)
+    print(f"{arch} {layout}: cached decode vs full forward {err:.2e}")
+    assert err <= 1e-5
+
+
+def test_absorbed_latent_attention_equals_naive_cache(tiny_cfg, tiny_vars):
+    rng = np.random.default_rng(1)
+    seqs = rng.integers(0, tiny_cfg.vocab_size, (2, 12)).astype(np.int32)
+    lengths = np.array([4, 7], np.int32)
+    latent = _teacher_forced(tiny_cfg, tiny_vars, seqs, lengths, "latent")
+    naive = _teacher_forced(tiny_cfg, tiny_vars, seqs, lengths, "naive")
+    assert _rel(latent, naive) <= 1e-5
+
+
+def test_cache_bytes_per_token_and_fp8_cache(tiny_cfg, tiny_vars):
+    a = tiny_cfg.attention
+    per_layer = a.kv_lora_rank + a.qk_rope_head_dim
+    for dtype, nbytes in (("float32", 4), ("bfloat16", 2)):
+        cache = G.init_cache(tiny_cfg, 3, 32, "latent", dtype)
+        assert G.cache_bytes_per_token(cache) == per_layer * tiny_cfg.n_layers * nbytes
+    naive = G.cache_bytes_per_token(G.init_cache(tiny_cfg, 3, 32, "naive", "bfloat16"))
+    assert naive == a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * tiny_cfg.n_layers * 2
+    fp8_bytes = G.cache_bytes_per_token(G.init_cache(tiny_cfg, 3, 32, "latent", "fp8"))
+    bf16_bytes = per_layer * tiny_cfg.n_layers * 2
+    # one byte per value plus one float32 scale per 1x128 tile
+    assert fp8_bytes == (per_layer + 4 * -(-per_layer // 128)) * tiny_cfg.n_layers
+    print(f"cache bytes/token: bf16 {bf16_bytes}, fp8 {fp8_bytes} ({fp8_bytes / bf16_bytes:.3f}x), naive bf16 {naive}")
+    assert fp8_bytes / bf16_bytes <= 0.55
+    rng = np.random.default_rng(2)
+    seqs = rng.integers(0, tiny_cfg.vocab_size, (2, 12)).astype(np.int32)
+    lengths = np.array([4, 7], np.int32)
+    ref = _teacher_forced(tiny_cfg, tiny_vars, seqs, lengths, "latent")
+    got = _teacher_forced(tiny_cfg, tiny_vars, seqs, lengths, "latent", "fp8")
+    err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"FP8 latent cache: decode logits |d|/|logits| = {err:.4f}")
+    # Bound: each cached value is rounded to E4M3 (RMS relative error 2^-4/sqrt(3) = 3.6%); the error enters
+    # the attention of each of the 3 layers once: sqrt(3) x 3.6% = 6.2% on the logits at most in RMS, and
+    # 10% leaves room. A wrong scale or slot would be O(100%).
+    assert 0 < err < 0.10
+
+
+def test_greedy_generate_equals_argmax_loop(tiny_cfg, tiny_vars):
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
+    out = dsj.generate(tiny_cfg, tiny_vars, prompts, 10)
+    fwd = jax.jit(lambda v, t: dsj.Transformer(tiny_cfg).apply(v, t, with_mtp=False).logits)
+    buf = np.zeros((1, 20), np.int32)  # one compiled shape; causal, so the padding after seq changes nothing
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        for _ in range(10):
+            buf[0, :len(seq)] = seq
+            seq.append(int(np.argmax(np.asarray(fwd(tiny_vars, buf))[0, len(seq) - 1])))
+        assert o == seq[len(p):]
+    assert dsj.generate(tiny_cfg, tiny_vars, prompts, 10, cache_kind="naive") == out
+    # a row stops at EOS (not returned); the others go on
+    eos = out[1][3]
+    stopped = dsj.generate(tiny_cfg, tiny_vars, prompts, 10, eos_id=eos)
+    assert stopped[1] == out[1][:3]
+
+
+def test_clear_errors(tiny_cfg, tiny_vars):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        dsj.generate(tiny_cfg, tiny_vars, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="vocab_size=512"):
+        dsj.generate(tiny_cfg, tiny_vars, [[1, 600]], 4)
+    with pytest.raises(ValueError, match="max_len=8 is too small"):
+        dsj.generate(tiny_cfg, tiny_vars, [[1] * 6], 4, max_len=8)
+    with pytest.raises(ValueError, match="non-empty list"):
+        dsj.generate(tiny_cfg, tiny_vars, "hello", 4)
+    with pytest.raises(ValueError, match="MTP modules"):
+        dsj.generate(tiny_cfg.replace(**{"mtp.depth": 0}), tiny_vars, [[1]], 4, speculative=True)
+    with pytest.raises(ValueError, match="cache kind"):
+        CacheConfig(8, "paged")
+
+
+def _expected(logits, temperature, top_k=None, top_p=None):
+    """The sampling distribution written out in NumPy."""
+    x = np.asarray(logits, np.float64) / temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_k is not None:
+        p[np.argsort(-p)[top_k:]] = 0
+        p /= p.sum()
+    if top_p is not None:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        keep = np.zeros_like(p, bool)
+        keep[order[: int(np.searchsorted(cum, top_p - 1e-12) + 1)]] = True
+        p = np.where(keep, p, 0)
+        p /= p.sum()
+    return p
+
+
+def _check_freq(samples, p, n_vocab):
+    n = len(samples)
+    freq = np.bincount(samples, minlength=n_vocab) / n
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert np.all(freq[p == 0] == 0), "sampled a token outside the distribution"
+    z = np.abs(freq - p) / np.maximum(sigma, 1e-12)
+    assert np.all(z[p > 0] < 5), (freq, p)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.6, None, None), (1.0, 4, None),
+                                                      (1.0, None, 0.7), (0.8, 6, 0.9)])
+def test_samplers_draw_the_right_distribution(temperature, top_k, top_p):
+    logits = jnp.asarray([2.0, 1.5, 1.4, 0.3, 0.0, -0.5, -1.0, 0.9, 1.1, -2.0])
+    n = 40000
+    keys = jax.random.split(jax.random.key(0), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: G.sample(logits, k, temperature, top_k, top_p)))(keys))
+    _check_freq(draws, _expected(logits, temperature, top_k, top_p), 10)
+    assert int(G.sample(logits, keys[0], 0.0)) == 0  # greedy
+
+
+def test_speculative_sampling_rule_preserves_the_target_distribution():
+    """Draft d ~ q, keep it with probability min(1, p(d)/q(d)), else resample from max(p - q, 0): the emitted
+    token is distributed as p, for a q far from p."""
+    p_logits = jnp.asarray([1.0, 0.2, -0.3, 2.0, 0.0, -1.0, 0.5, 0.1])
+    q_logits = jnp.asarray([0.0, 2.0, 0.5, -1.0, 1.0, 0.0, -0.5, 0.3])
+    n = 60000
+    p_logp = jnp.broadcast_to(jax.nn.log_softmax(p_logits), (n, 8))
+    q_logp = jnp.broadcast_to(jax.nn.log_softmax(q_logits), (n, 8))
+    k1, k2 = jax.random.split(jax.random.key(3))
+    draft = jax.random.categorical(k1, q_logp).astype(jnp.int32)
+    accept, fallback = jax.jit(G.speculative_accept)(p_logp, q_logp, draft, k2)
+    emitted = np.asarray(jnp.where(accept, draft, fallback))
+    _check_freq(emitted, np.asarray(jax.nn.softmax(p_logits)), 8)
+    overlap = float(jnp.minimum(jax.nn.softmax(p_logits), jax.nn.softmax(q_logits)).sum())
+    assert abs(float(accept.mean()) - overlap) < 0.01  # acceptance rate = sum_x min(p, q)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_run):
+    """The session's trained tiny model (MTP depth 1), loaded back from its run folder."""
+    return G.load_run(str(tiny_run[0]))
+
+
+@pytest.mark.slow
+def test_speculative_greedy_equals_plain_greedy_for_200_tokens(trained_tiny):
+    cfg, variables, tok = trained_tiny
+    prompts = [tok.encode(s).ids for s in ("def __init__(self", "import os\nimport sys\n", "class")]
+    plain = dsj.generate(cfg, variables, prompts, 200, eos_id=-1)
+    stats = {}
+    spec = dsj.generate(cfg, variables, prompts, 200, eos_id=-1, speculative=True, stats=stats)
+    print(f"speculative greedy: acceptance {stats['acceptance_rate']:.2f}, "
+          f"{stats['tokens_per_forward']:.2f} tokens per main-model forward")
+    assert spec == plain
+    assert all(len(o) == 200 for o in spec)
+    assert stats["acceptance_rate"] > 0.2 and stats["tokens_per_forward"] > 1.2
+    # sampling with the draft: runs, respects top-k, stops at the budget
+    sampled = dsj.generate(cfg, variables, prompts, 30, temperature=0.8, top_k=20, speculative=True, eos_id=-1)
+    assert [len(s) for s in sampled] == [30, 30, 30]
