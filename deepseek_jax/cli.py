@@ -1,5 +1,6 @@
-"""``deepseek-jax`` command line: ``train`` (the main job) and ``info`` (parameter counts, KV-cache sizes,
-and with ``--mesh`` a layout report)."""
+"""``deepseek-jax`` command line: ``train`` (the main job), ``generate`` (stream text from a trained run or
+a Hugging Face checkpoint) and ``info`` (parameter counts, KV-cache sizes, and with ``--mesh`` a layout
+report)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,45 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from deepseek_jax.generate import generate, load_run
+
+    cfg, variables, tok = load_run(args.checkpoint)
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json beside the checkpoint; cannot encode the prompt")
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give some text")
+    eos = tok.token_to_id("<|endoftext|>") if cfg.eos_token_id is None else cfg.eos_token_id
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    produced: list[int] = []
+    shown = [""]
+
+    def stream(new: list[list[int]]) -> None:  # decode the whole continuation, print what is new
+        produced.extend(new[0])
+        text = tok.decode(produced)
+        if text.startswith(shown[0]):
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    stats: dict = {}
+    t0 = time.perf_counter()
+    generate(cfg, variables, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, speculative=args.speculative, eos_id=eos, on_tokens=stream,
+             stats=stats)
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    msg = f"[{len(produced)} tokens in {dt:.2f} s ({len(produced) / dt:.1f} tokens/s incl. compilation)"
+    if args.speculative and stats.get("acceptance_rate") is not None:
+        msg += f"; draft acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_forward']:.2f} tokens/forward"
+    print(msg + "]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek models in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--process-id", type=int, default=0)
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16 moe.n_routed_experts=8")
     t.set_defaults(fn=_train)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt (KV cache, absorbed MLA)")
+    g.add_argument("--checkpoint", required=True,
+                   help="a `deepseek-jax train` run folder (e.g. runs/tiny) or a Hugging Face checkpoint directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--speculative", action="store_true", help="draft with the MTP module, verify in one forward")
+    g.set_defaults(fn=_generate)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

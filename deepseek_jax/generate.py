@@ -53,20 +53,24 @@ def _cache_spec(path: tuple[str, ...], ndim: int, heads_over_tensor: bool) -> P:
     return P(*spec)
 
 
-def init_cache(cfg: ModelConfig, batch: int, size: int, kind: str = "latent", dtype: str | None = None,
-               mesh: Mesh | None = None) -> dict:
-    """A zero cache for ``batch`` sequences of up to ``size`` positions (main model and MTP modules).
-
-    ``kind``: ``"latent"`` or ``"naive"`` (MLA); ``dtype``: storage dtype (default ``cfg.dtype``) or ``"fp8"``.
-    """
-    cc = _cache_config(cfg, size, kind, dtype)
+@functools.lru_cache(maxsize=32)
+def _cache_shapes(cfg: ModelConfig, batch: int, cc: CacheConfig):
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     variables = nn.meta.unbox(abstract_variables(cfg))
 
     def run(v, t):
         return Transformer(cfg, cache=cc).apply(v, t, jnp.zeros(t.shape, jnp.int32), mutable=["cache"])[1]["cache"]
 
-    shapes = jax.eval_shape(run, variables, tokens)
+    return jax.eval_shape(run, variables, tokens)
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, kind: str = "latent", dtype: str | None = None,
+               mesh: Mesh | None = None) -> dict:
+    """A zero cache for ``batch`` sequences of up to ``size`` positions (main model and MTP modules).
+
+    ``kind``: ``"latent"`` or ``"naive"`` (MLA); ``dtype``: storage dtype (default ``cfg.dtype``) or ``"fp8"``.
+    """
+    shapes = _cache_shapes(cfg, batch, _cache_config(cfg, size, kind, dtype))
     if mesh is None:
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
@@ -170,11 +174,43 @@ class _Steps:
                                    mutable=["cache"])
             return out.logits, upd["cache"]
 
+        greedy = temperature == 0
+        logp = self.logp
+
+        def spec_start(variables, cache, hidden, next_tokens, lengths, key):
+            """MTP prefill over the prompt: position j takes ``(h_j, Emb(t_{j+1}))``; the draft comes from L-1."""
+            b, t = next_tokens.shape
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            q, cache = draft(variables, cache, hidden, next_tokens, positions, key)
+            q_last = jnp.take_along_axis(q, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            h_prev = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            return cache, samp(q_last, key), logp(q_last), h_prev
+
+        def spec_step(variables, cache, last, drafted, pos, h_prev, q_logp, key):
+            """Verify ``[last, draft]`` at ``pos, pos+1`` in one forward, accept or correct, then let MTP
+            module 1 take the two newest positions and draft the next token; one dispatch per step."""
+            k_acc, k_after, k_draft = jax.random.split(key, 3)
+            out, cache = run(variables, cache, jnp.stack([last, drafted], 1), jnp.stack([pos, pos + 1], 1))
+            v, g = out.logits, out.hidden
+            if greedy:
+                pred = jnp.argmax(v, -1).astype(jnp.int32)
+                accept = pred[:, 0] == drafted
+                bonus = jnp.where(accept, pred[:, 1], pred[:, 0])
+            else:
+                accept, fallback = speculative_accept(logp(v[:, 0]), q_logp, drafted, k_acc)
+                bonus = jnp.where(accept, samp(v[:, 1], k_after), fallback)
+            # MTP window: positions new_pos-2, new_pos-1 with their hidden states and next tokens
+            h_win = jnp.where(accept[:, None, None], g, jnp.stack([h_prev, g[:, 0]], 1))
+            t_win = jnp.where(accept[:, None], jnp.stack([drafted, bonus], 1), jnp.stack([last, bonus], 1))
+            new_pos = pos + 1 + accept.astype(jnp.int32)
+            q, cache = draft(variables, cache, h_win, t_win, jnp.stack([new_pos - 2, new_pos - 1], 1), k_draft)
+            h_next = jnp.where(accept[:, None], g[:, 1], g[:, 0])
+            return cache, accept, bonus, samp(q[:, 1], k_draft), new_pos, h_next, logp(q[:, 1])
+
         self.prefill = jax.jit(prefill, donate_argnums=1)
         self.step = jax.jit(step, donate_argnums=1)
-        self.draft = jax.jit(draft, donate_argnums=1)
-        self.sample = jax.jit(samp)
-        self.accept = jax.jit(speculative_accept)
+        self.spec_start = jax.jit(spec_start, donate_argnums=1)
+        self.spec_step = jax.jit(spec_step, donate_argnums=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,7 +247,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     ``prompts``: token-id lists of any lengths (one batch). Greedy when ``temperature == 0``; otherwise
     samples from ``softmax(logits / temperature)`` with optional ``top_k`` / ``top_p``. A row stops after
     ``eos_id`` (default ``cfg.eos_token_id``; the EOS token is not returned). ``max_len``: cache size in
-    positions (default: longest prompt + ``max_new_tokens`` + 1); a prompt that does not fit is an error.
+    positions (default: longest prompt + ``max_new_tokens`` (+ 1 when speculating), rounded up to a multiple
+    of 128 so that repeated calls reuse the compiled steps); a prompt that does not fit is an error.
     ``mesh``: variables and cache sharded on it (batch over ``data, fsdp, expert``). ``speculative``:
     MTP draft + one-forward verification (needs ``mtp.depth >= 1``); the result equals plain decoding
     (greedy) or has its distribution (sampling). ``cache_kind`` ``"latent"`` (absorbed MLA) or ``"naive"``;
@@ -231,7 +268,7 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     lengths = np.array([len(p) for p in ids], np.int32)
     width = int(lengths.max())
     need = width + max_new_tokens + (1 if speculative else 0)
-    size = max_len if max_len is not None else need
+    size = max_len if max_len is not None else -(-need // 128) * 128  # buckets: fewer recompilations
     if size < need:
         raise ValueError(f"the longest prompt ({width} tokens) plus max_new_tokens={max_new_tokens}"
                          f"{' plus the speculative draft' if speculative else ''} needs {need} cache positions; "
@@ -241,6 +278,7 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     cc = _cache_config(cfg, size, cache_kind, cache_dtype)
     fns = _steps(cfg, cc, float(temperature), top_k, top_p, mesh)
     key = jax.random.key(seed)
+    width = min(-(-width // 16) * 16, size)  # prompt shapes in buckets of 16 (right padding)
     tokens = np.zeros((b, width), np.int32)
     for i, p in enumerate(ids):
         tokens[i, :len(p)] = p
@@ -293,7 +331,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
         else:
             _speculative_loop(fns, variables, cache, tokens, lengths, tok_np, hidden, key, put, emit, done, st,
                               temperature)
-    st["tokens_per_forward"] = (sum(len(o) for o in out) - b) / max(st["steps"], 1) / b if b else 0.0
+    # per sequence and main-model forward: 1 token, plus the accepted draft when speculating
+    st["tokens_per_forward"] = 1.0 + (st["accepted"] / st["drafted"] if st["drafted"] else 0.0)
     st["acceptance_rate"] = st["accepted"] / st["drafted"] if st["drafted"] else None
     if stats is not None:
         stats.update(st)
@@ -304,53 +343,24 @@ def _speculative_loop(fns: _Steps, variables, cache, tokens, lengths, first, hid
                       temperature) -> None:
     """Draft with MTP module 1, verify ``[last, draft]`` in one forward, accept or correct (see module doc)."""
     b, width = tokens.shape
-    greedy = temperature == 0
-    rows = np.arange(b)
-    # MTP prefill over the prompt: position j takes (h_j, Emb(t_{j+1})), with t_L the first generated token.
     nxt = np.zeros((b, width), np.int32)
     nxt[:, :-1] = tokens[:, 1:]
-    nxt[rows, lengths - 1] = first
-    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (b, width))
+    nxt[np.arange(b), lengths - 1] = first  # t_L: the first generated token
     key, k = jax.random.split(key)
-    q_logits, cache = fns.draft(variables, cache, hidden, put(nxt), put(positions), k)
-    q_last = jnp.take_along_axis(q_logits, put((lengths - 1)[:, None, None]), axis=1)[:, 0]
-    key, k = jax.random.split(key)
-    draft = np.asarray(fns.sample(q_last, k))
-    last = first.copy()  # emitted, not yet in the main cache
-    pos = lengths.copy()  # position of ``last``
-    h_prev = np.asarray(jnp.take_along_axis(hidden, put((lengths - 1)[:, None, None]), axis=1)[:, 0])  # h at pos-1
+    cache, drafted, q_logp, h_prev = fns.spec_start(variables, cache, hidden, put(nxt), put(lengths), k)
+    last, pos = put(first.astype(np.int32)), put(lengths.copy())  # ``last``: emitted, not yet in the main cache
     while not done.all():
-        key, kv, ka, kd = jax.random.split(key, 4)
-        _, v_logits, g_hidden, cache = fns.step(variables, cache, put(np.stack([last, draft], 1)),
-                                                put(np.stack([pos, pos + 1], 1)), kv)
+        key, k = jax.random.split(key)
+        old_draft = drafted
+        cache, accept, bonus, drafted, pos, h_prev, q_logp = fns.spec_step(variables, cache, last, drafted, pos,
+                                                                           h_prev, q_logp, k)
+        last = bonus
+        acc, bon, dr = (np.asarray(a) for a in (accept, bonus, old_draft))
         st["steps"] += 1
-        if greedy:
-            pred = np.asarray(jnp.argmax(v_logits, -1))  # [b, 2]
-            accept = pred[:, 0] == draft
-            bonus = np.where(accept, pred[:, 1], pred[:, 0])
-        else:
-            p0 = fns.logp(v_logits[:, 0])
-            acc, fallback = fns.accept(p0, fns.logp(q_last), put(draft), ka)
-            after = np.asarray(fns.sample(v_logits[:, 1], kd))
-            accept = np.asarray(acc)
-            bonus = np.where(accept, after, np.asarray(fallback))
         active = ~done
         st["drafted"] += int(active.sum())
-        st["accepted"] += int((accept & active).sum())
-        emit([[int(draft[i]), int(bonus[i])] if accept[i] else [int(bonus[i])] for i in range(b)])
-        g = np.asarray(g_hidden)
-        # MTP window: positions new_pos-2, new_pos-1 with their hidden states and next tokens.
-        h_win = np.where(accept[:, None, None], g, np.stack([h_prev, g[:, 0]], 1))
-        t_win = np.where(accept[:, None], np.stack([draft, bonus], 1), np.stack([last, bonus], 1))
-        new_pos = pos + 1 + accept.astype(np.int32)
-        key, k = jax.random.split(key)
-        q_logits, cache = fns.draft(variables, cache, put(h_win), put(t_win),
-                                    put(np.stack([new_pos - 2, new_pos - 1], 1)), k)
-        q_last = q_logits[:, 1]
-        key, k = jax.random.split(key)
-        draft = np.asarray(fns.sample(q_last, k))
-        h_prev = np.where(accept[:, None], g[:, 1], g[:, 0])
-        last, pos = bonus.astype(np.int32), new_pos
+        st["accepted"] += int((acc & active).sum())
+        emit([[int(dr[i]), int(bon[i])] if acc[i] else [int(bon[i])] for i in range(b)])
 
 
 # ----------------------------------------------------------------------------------------------------
