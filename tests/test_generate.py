@@ -232,3 +232,20 @@ def test_speculative_greedy_equals_plain_greedy_for_200_tokens(trained_tiny):
     # sampling with the draft: runs, respects top-k, stops at the budget
     sampled = dsj.generate(cfg, variables, prompts, 30, temperature=0.8, top_k=20, speculative=True, eos_id=-1)
     assert [len(s) for s in sampled] == [30, 30, 30]
+
+
+@pytest.mark.slow
+def test_generate_command_streams_text(trained_tiny, tiny_run, capsys):
+    from deepseek_jax import cli
+
+    rc = cli.main(["generate", "--checkpoint", str(tiny_run[0]), "--prompt", "def main(", "--max-new-tokens", "12",
+                   "--speculative"])
+    cap = capsys.readouterr()
+    assert rc == 0 and cap.out.startswith("def main(") and len(cap.out) > len("def main(\n")
+    assert "draft acceptance" in cap.err
+    cfg, variables, tok = trained_tiny
+    ids = dsj.generate(cfg, variables, [tok.encode("def main(").ids], 12,
+                       eos_id=tok.token_to_id("<|endoftext|>"))[0]
+    assert cap.out.rstrip("\n") == "def main(" + tok.decode(ids)  # the streamed text is the greedy continuation
+    rc = cli.main(["generate", "--checkpoint", str(tiny_run[0] / "nope"), "--prompt", "x"])
+    assert rc == 2 and "neither a training run folder" in capsys.readouterr().err
