@@ -44,13 +44,27 @@ TINY_RUN = ["train.steps=300", "train.batch_size=4", "train.seq_len=128", "train
             "train.eval_batches=2", "train.checkpoint_every=300", "train.sample_tokens=0"]
 
 
+def train_single_device(out, overrides):
+    """``deepseek-jax train --config tiny`` in a subprocess on ONE CPU device (this test process fakes 8,
+    which would partition a small run for nothing); returns the run summary (``--json``)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    cmd = [sys.executable, "-m", "deepseek_jax.cli", "train", "--config", "tiny", "--out", str(out),
+           "--no-progress", "--json", *overrides]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The tiny preset trained once for the session (300 steps of 4 x 128 tokens on the default corpus,
-    float32): ``(run folder, summary)``. The FP8 test compares against it; the generation tests decode with it."""
-    from deepseek_jax import train as T
-
-    cfg, tcfg = T.load_run_config("tiny", TINY_RUN)
-    out = tmp_path_factory.mktemp("tiny_run")
-    summary = T.train(cfg, tcfg.replace(out=str(out)), progress=False)
-    return out, summary
+    float32, one device): ``(run folder, summary)``. The FP8 test compares against it; the generation
+    tests decode with it."""
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    return out, train_single_device(out, TINY_RUN)

@@ -257,18 +257,16 @@ def test_fp8_switch_routes_linear_layers_and_experts_not_the_head(tiny_cfg, tiny
 @pytest.mark.slow
 def test_fp8_training_300_steps_matches_float32_within_1_percent(tmp_path, tiny_run):
     """The tiny preset, 300 steps of 4 x 128 tokens from the same seed and data, FP8 on vs off (the off run
-    is the session's ``tiny_run``)."""
+    is the session's ``tiny_run``), one device each."""
     import json
 
-    from conftest import TINY_RUN
-    from deepseek_jax import train as T
+    from conftest import TINY_RUN, train_single_device
 
     def losses(out):
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in recs if r["kind"] == "train"]
 
-    cfg, tcfg = T.load_run_config("tiny", TINY_RUN + ["fp8=true"])
-    summary = T.train(cfg, tcfg.replace(out=str(tmp_path / "fp8")), progress=False)
+    summary = train_single_device(tmp_path / "fp8", TINY_RUN + ["fp8=true"])
     final = {}
     for on, out, s in ((False, tiny_run[0], tiny_run[1]), (True, tmp_path / "fp8", summary)):
         ls = losses(out)

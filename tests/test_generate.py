@@ -246,6 +246,6 @@ def test_generate_command_streams_text(trained_tiny, tiny_run, capsys):
     cfg, variables, tok = trained_tiny
     ids = dsj.generate(cfg, variables, [tok.encode("def main(").ids], 12,
                        eos_id=tok.token_to_id("<|endoftext|>"))[0]
-    assert cap.out.rstrip("\n") == "def main(" + tok.decode(ids)  # the streamed text is the greedy continuation
+    assert cap.out == "def main(" + tok.decode(ids) + "\n"  # the streamed text is the greedy continuation
     rc = cli.main(["generate", "--checkpoint", str(tiny_run[0] / "nope"), "--prompt", "x"])
     assert rc == 2 and "neither a training run folder" in capsys.readouterr().err
