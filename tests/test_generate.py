@@ -249,3 +249,13 @@ def test_generate_command_streams_text(trained_tiny, tiny_run, capsys):
     assert cap.out == "def main(" + tok.decode(ids) + "\n"  # the streamed text is the greedy continuation
     rc = cli.main(["generate", "--checkpoint", str(tiny_run[0] / "nope"), "--prompt", "x"])
     assert rc == 2 and "neither a training run folder" in capsys.readouterr().err
+
+
+def test_generate_on_a_mesh_equals_one_device(tiny_cfg, tiny_vars):
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9], [4], [10, 11]]
+    mesh = dsj.sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    one = dsj.generate(tiny_cfg, tiny_vars, prompts, 6)
+    assert dsj.generate(tiny_cfg, tiny_vars, prompts, 6, mesh=mesh) == one
+    assert dsj.generate(tiny_cfg, tiny_vars, prompts, 6, mesh=mesh, speculative=True) == one
+    with pytest.raises(ValueError, match="global batch 3 is not divisible"):
+        dsj.generate(tiny_cfg, tiny_vars, prompts[:3], 6, mesh=mesh)
