@@ -29,29 +29,8 @@ import numpy as np  # noqa: E402
 
 import deepseek_jax as dsj  # noqa: E402
 from _provenance import provenance  # noqa: E402
+from _train_step import step_timer  # noqa: E402
 from deepseek_jax import fp8  # noqa: E402
-from deepseek_jax import train as T  # noqa: E402
-
-
-def _step_fn(cfg, batch: int, seq: int):
-    _, tcfg = T.load_run_config("tiny", [f"train.batch_size={batch}", f"train.seq_len={seq}", "train.steps=1000",
-                                         "train.optim.warmup_steps=10"])
-    mesh = dsj.sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    fns = T.make_train_fns(cfg, tcfg, mesh)
-    state = fns.init(jax.random.key(0))
-    toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
-    b = T.global_batch({"tokens": toks, "segment_ids": np.ones_like(toks),
-                        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), toks.shape).copy()},
-                       fns.batch_sharding, batch)
-    holder = {"state": state}
-
-    def run() -> float:
-        t = time.perf_counter()
-        holder["state"], m = fns.step(holder["state"], b, np.float32(0.3), np.float32(0.001))
-        jax.block_until_ready(m)
-        return time.perf_counter() - t
-
-    return run
 
 
 def weight_bytes(cfg) -> dict:
@@ -114,13 +93,13 @@ def main() -> None:
         for on in (False, True):
             c = cfg.replace(fp8=on)
             t0 = time.perf_counter()
-            runs[on] = _step_fn(c, args.batch, args.seq)
+            runs[on] = step_timer(c, args.batch, args.seq)
             runs[on]()  # compile + first step
             print(f"{name} fp8={on}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         times = {False: [], True: []}
         for _ in range(args.iters):  # alternate, so drift of the machine's speed hits both
             for on in (False, True):
-                times[on].append(runs[on]())
+                times[on].append(runs[on]()[0])
         off, on = statistics.median(times[False]), statistics.median(times[True])
         tok = args.batch * args.seq
         results.append({"config": name, "batch": args.batch, "seq": args.seq, "fp8_impl": fp8.default_impl(),

@@ -21,35 +21,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import deepseek_jax as dsj  # noqa: E402
 from _provenance import provenance  # noqa: E402
+from _train_step import step_timer  # noqa: E402
 from deepseek_jax import train as T  # noqa: E402
 
 
 def ours(cfg, batch: int, seq: int, iters: int, remat: str) -> dict:
-    _, tcfg = T.load_run_config("tiny", [f"train.batch_size={batch}", f"train.seq_len={seq}", "train.steps=1000",
-                                         "train.optim.warmup_steps=10", f"train.remat={remat}"])
-    mesh = dsj.sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    fns = T.make_train_fns(cfg, tcfg, mesh)
-    state = fns.init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
-    b = T.global_batch({"tokens": toks, "segment_ids": np.ones_like(toks),
-                        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), toks.shape).copy()},
-                       fns.batch_sharding, batch)
-    t0 = time.perf_counter()
-    state, m = fns.step(state, b, np.float32(0.3), np.float32(0.001))
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    run = step_timer(cfg, batch, seq, remat)
+    compile_s, _ = run()
     times = []
     for _ in range(iters + 1):
-        t = time.perf_counter()
-        state, m = fns.step(state, b, np.float32(0.3), np.float32(0.001))
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+        sec, m = run()
+        times.append(sec)
     sec = statistics.median(times[1:])
     return {"step_s": sec, "tokens_per_s": batch * seq / sec, "compile_s": compile_s, "loss": float(m["loss"])}
 

@@ -188,7 +188,7 @@ quantize_weight.defvjp(lambda w, fmt: (quantize_weight(w, fmt), None), lambda fm
 
 def _rows_fake(a: jax.Array, scale_fmt) -> jax.Array:
     """1x128 tiles along the last axis of ``a [..., k]``."""
-    return _fake(a.reshape(-1, a.shape[-1]), (1, _K), scale_fmt).reshape(a.shape).astype(a.dtype)
+    return _fake(a, (1, _K), scale_fmt).astype(a.dtype)
 
 
 def _token_block(a: jax.Array) -> tuple[int, int]:
@@ -226,7 +226,7 @@ def _qdot_bwd(mm, scale_fmt, res, g):
     (aq, sa), like, w, aux = res  # ``like``: a's dtype
     a_tok = _tokens_dequant(aq, sa, like.dtype)
     g_rows = _rows_fake(g, scale_fmt)
-    g_tok = _tokens_dequant(*_tokens_quant(g, scale_fmt), g.dtype)
+    g_tok = _fake(g, _token_block(g), scale_fmt).astype(g.dtype)
     da = jax.vjp(lambda a_: mm(a_, w, *aux), a_tok)[1](g_rows)[0]  # Dgrad
     dw = jax.vjp(lambda w_: mm(a_tok, w_, *aux), w)[1](g_tok)[0]  # Wgrad
     return (da, dw) + tuple(None for _ in aux)

@@ -43,12 +43,17 @@ def _cache_config(cfg: ModelConfig, size: int, kind: str, dtype: str | None) -> 
     return CacheConfig(size=size, kind=kind, dtype=dtype or cfg.dtype)
 
 
-def _cache_spec(path: tuple[str, ...], ndim: int, heads_over_tensor: bool) -> P:
+def _batch_dim(top: str) -> int:
+    """Index of the batch dim of a cache leaf under ``top``: scanned stacks carry a leading layer dim."""
+    return 1 if top in ("dense_layers", "moe_layers") else 0
+
+
+def _cache_spec(path: tuple[str, ...], ndim: int) -> P:
     """Batch dim over the batch axes; the head dim of per-head K/V caches over ``tensor``."""
-    lead = 1 if path[0] in ("dense_layers", "moe_layers") else 0
+    lead = _batch_dim(path[0])
     spec: list = [None] * ndim
     spec[lead] = BATCH_AXES
-    if heads_over_tensor and path[-1] in ("k", "v") and ndim == lead + 4:
+    if path[-1] in ("k", "v") and ndim == lead + 4:
         spec[lead + 2] = "tensor"
     return P(*spec)
 
@@ -75,7 +80,7 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, kind: str = "latent", dt
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
     shardings = jax.tree_util.tree_unflatten(jax.tree.structure(shapes), [
-        NamedSharding(mesh, _cache_spec(tuple(k.key for k in kp), len(s.shape), True)) for kp, s in flat])
+        NamedSharding(mesh, _cache_spec(tuple(k.key for k in kp), len(s.shape))) for kp, s in flat])
     return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings)()
 
 
@@ -87,7 +92,7 @@ def cache_bytes_per_token(cache: dict, include_mtp: bool = False) -> float:
         top = kp[0].key
         if top.startswith("mtp") and not include_mtp:
             continue
-        lead = 1 if top in ("dense_layers", "moe_layers") else 0
+        lead = _batch_dim(top)
         b, s = x.shape[lead], x.shape[lead + 1]
         per = b * s
         total += x.size * x.dtype.itemsize
@@ -146,10 +151,10 @@ def speculative_accept(p_logp: jax.Array, q_logp: jax.Array, draft: jax.Array, k
 # jitted steps
 
 class _Steps:
-    """Jitted prefill / step / draft functions for one (config, cache, sampler, mesh)."""
+    """Jitted prefill / decode / speculative functions for one (config, cache, sampler); a mesh only
+    changes the input shardings, which ``jax.jit`` specialises on by itself."""
 
-    def __init__(self, cfg: ModelConfig, cc: CacheConfig, temperature: float, top_k, top_p, mesh):
-        self.cfg, self.cc, self.mesh = cfg, cc, mesh
+    def __init__(self, cfg: ModelConfig, cc: CacheConfig, temperature: float, top_k, top_p):
         model = Transformer(cfg, cache=cc)
         samp = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
         self.logp = functools.partial(processed_logprobs, temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p)
@@ -163,13 +168,13 @@ class _Steps:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             out, cache = run(variables, cache, tokens, positions)
             last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            return samp(last, key), last, out.hidden, cache
+            return samp(last, key), out.hidden, cache
 
         def step(variables, cache, tokens, positions, key):
             out, cache = run(variables, cache, tokens, positions)
-            return samp(out.logits[:, -1], key), out.logits, out.hidden, cache
+            return samp(out.logits[:, -1], key), cache
 
-        def draft(variables, cache, hidden, next_tokens, positions, key):
+        def draft(variables, cache, hidden, next_tokens, positions):
             out, upd = model.apply({**variables, "cache": cache}, next_tokens, positions, draft_from=hidden,
                                    mutable=["cache"])
             return out.logits, upd["cache"]
@@ -181,7 +186,7 @@ class _Steps:
             """MTP prefill over the prompt: position j takes ``(h_j, Emb(t_{j+1}))``; the draft comes from L-1."""
             b, t = next_tokens.shape
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            q, cache = draft(variables, cache, hidden, next_tokens, positions, key)
+            q, cache = draft(variables, cache, hidden, next_tokens, positions)
             q_last = jnp.take_along_axis(q, (lengths - 1)[:, None, None], axis=1)[:, 0]
             h_prev = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
             return cache, samp(q_last, key), logp(q_last), h_prev
@@ -203,7 +208,7 @@ class _Steps:
             h_win = jnp.where(accept[:, None, None], g, jnp.stack([h_prev, g[:, 0]], 1))
             t_win = jnp.where(accept[:, None], jnp.stack([drafted, bonus], 1), jnp.stack([last, bonus], 1))
             new_pos = pos + 1 + accept.astype(jnp.int32)
-            q, cache = draft(variables, cache, h_win, t_win, jnp.stack([new_pos - 2, new_pos - 1], 1), k_draft)
+            q, cache = draft(variables, cache, h_win, t_win, jnp.stack([new_pos - 2, new_pos - 1], 1))
             h_next = jnp.where(accept[:, None], g[:, 1], g[:, 0])
             return cache, accept, bonus, samp(q[:, 1], k_draft), new_pos, h_next, logp(q[:, 1])
 
@@ -214,8 +219,8 @@ class _Steps:
 
 
 @functools.lru_cache(maxsize=16)
-def _steps(cfg, cc, temperature, top_k, top_p, mesh) -> _Steps:
-    return _Steps(cfg, cc, temperature, top_k, top_p, mesh)
+def _steps(cfg, cc, temperature, top_k, top_p) -> _Steps:
+    return _Steps(cfg, cc, temperature, top_k, top_p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     if mesh is not None:
         check_layout(cfg, mesh, global_batch=b)
     cc = _cache_config(cfg, size, cache_kind, cache_dtype)
-    fns = _steps(cfg, cc, float(temperature), top_k, top_p, mesh)
+    fns = _steps(cfg, cc, float(temperature), top_k, top_p)
     key = jax.random.key(seed)
     width = min(-(-width // 16) * 16, size)  # prompt shapes in buckets of 16 (right padding)
     tokens = np.zeros((b, width), np.int32)
@@ -315,7 +320,7 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
                 on_tokens(gained)
 
         key, k0 = jax.random.split(key)
-        tok, last_logits, hidden, cache = fns.prefill(variables, cache, put(tokens), put(lengths), k0)
+        tok, hidden, cache = fns.prefill(variables, cache, put(tokens), put(lengths), k0)
         tok_np = np.asarray(tok)
         emit([[int(t)] for t in tok_np])
         st = {"steps": 0, "drafted": 0, "accepted": 0}
@@ -323,14 +328,13 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
             pos = lengths.copy()
             while not done.all():
                 key, k = jax.random.split(key)
-                tok, _, _, cache = fns.step(variables, cache, put(tok_np[:, None]), put(pos[:, None]), k)
+                tok, cache = fns.step(variables, cache, put(tok_np[:, None]), put(pos[:, None]), k)
                 tok_np = np.asarray(tok)
                 pos += 1
                 st["steps"] += 1
                 emit([[int(t)] for t in tok_np])
         else:
-            _speculative_loop(fns, variables, cache, tokens, lengths, tok_np, hidden, key, put, emit, done, st,
-                              temperature)
+            _speculative_loop(fns, variables, cache, tokens, lengths, tok_np, hidden, key, put, emit, done, st)
     # per sequence and main-model forward: 1 token, plus the accepted draft when speculating
     st["tokens_per_forward"] = 1.0 + (st["accepted"] / st["drafted"] if st["drafted"] else 0.0)
     st["acceptance_rate"] = st["accepted"] / st["drafted"] if st["drafted"] else None
@@ -339,8 +343,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     return out
 
 
-def _speculative_loop(fns: _Steps, variables, cache, tokens, lengths, first, hidden, key, put, emit, done, st,
-                      temperature) -> None:
+def _speculative_loop(fns: _Steps, variables, cache, tokens, lengths, first, hidden, key, put, emit, done,
+                      st) -> None:
     """Draft with MTP module 1, verify ``[last, draft]`` in one forward, accept or correct (see module doc)."""
     b, width = tokens.shape
     nxt = np.zeros((b, width), np.int32)

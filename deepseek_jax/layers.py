@@ -41,7 +41,7 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     value = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
     if jnp.dtype(value.dtype).itemsize == 1 and jnp.issubdtype(value.dtype, jnp.floating):
         value = _dequantize_param(module, name, value, n_in, dtype)
-    return fsdp_gather(value, axes)
+    return fsdp_gather(value, axes)  # ZeRO-3: stored sharded over fsdp, used whole (reduce-scattered grads)
 
 
 def _dequantize_param(module: nn.Module, name: str, q: jax.Array, n_in: int, dtype) -> jax.Array:
@@ -51,40 +51,35 @@ def _dequantize_param(module: nn.Module, name: str, q: jax.Array, n_in: int, dty
         raise ValueError(f"parameter {module.path}/{name} is FP8 ({q.dtype}) but has no 'fp8_scale' entry; "
                          "load FP8 checkpoints with hf.load_checkpoint(..., keep_fp8=True)")
     scale = module.get_variable("fp8_scale", name)
-    nb = scale.ndim - 2
-    core = q.shape[nb:]
-    k = math.prod(core[:n_in])
-
-    lead = q.shape[:nb]
-    return dequantize(q.reshape(lead + (k, -1)), scale, (128, 128)).reshape(q.shape).astype(dtype)  # ZeRO-3: stored sharded over fsdp, used whole (reduce-scattered grads)
+    lead = q.shape[:scale.ndim - 2]  # one block grid per leading index (e.g. per expert)
+    k = math.prod(q.shape[len(lead):len(lead) + n_in])
+    return dequantize(q.reshape(lead + (k, -1)), scale, (128, 128)).reshape(q.shape).astype(dtype)
 
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, fp8=None) -> jax.Array:
     """Contract the last ``n_in`` dims of ``x`` with the first ``n_in`` of ``w`` as ONE 2-D matmul.
 
     ``x[..., i1..in] · w[i1..in, o1..om] -> [..., o1..om]``. Same math as the einsum; flattening to
     ``[tokens, in] @ [in, out]`` matters on XLA:CPU, whose backward of 3-D contractions runs ~2x slower.
+    ``fp8`` (an :class:`~deepseek_jax.config.FP8Config`) runs that 2-D product through
+    :func:`deepseek_jax.fp8.dense` (1x128 activation tiles, 128x128 blocks of the flattened ``[in, out]``
+    weight -- the checkpoint's blocks, transposed).
     """
     lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    k = 1
-    for d in ins:
-        k *= d
-    y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+    k = math.prod(ins)
+    if fp8 is None:
+        y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+    else:
+        from deepseek_jax import fp8 as fp8_ops
+
+        y = fp8_ops.dense(x.reshape(-1, k), w.reshape(k, -1), fp8.scale_fmt, fp8.resolved_impl)
     return y.reshape(lead + outs)
 
 
 def linear(cfg: ModelConfig, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-    """A linear layer: :func:`dense`, or its FP8 form (:func:`deepseek_jax.fp8.dense`: 1x128 activation
-    tiles, 128x128 blocks of the flattened ``[in, out]`` weight -- the checkpoint's blocks, transposed)
-    when ``cfg.fp8`` is set. The embedding, head and router do not come through here."""
-    if cfg.fp8 is None:
-        return dense(x, w, n_in)
-    from deepseek_jax import fp8
-
-    lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    k = math.prod(ins)
-    y = fp8.dense(x.reshape(-1, k), w.reshape(k, -1), cfg.fp8.scale_fmt, cfg.fp8.resolved_impl)
-    return y.reshape(lead + outs)
+    """A linear layer: :func:`dense`, in FP8 when ``cfg.fp8`` is set. The embedding, head and router do
+    not come through here (they stay in high precision, as in DeepSeek-V3)."""
+    return dense(x, w, n_in, cfg.fp8)
 
 
 class RMSNorm(nn.Module):

@@ -3,6 +3,8 @@ speculative generation against argmax loops, and the samplers against their dist
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +14,9 @@ import deepseek_jax as dsj
 from deepseek_jax import generation as G
 from deepseek_jax.attention import CacheConfig
 
-GQA_OVERRIDES = {"attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2}, "mtp.depth": 0, "rope.yarn": None}
-
-
 def _gqa_cfg(tiny_cfg):
     d = tiny_cfg.to_dict()
-    d["attention"] = GQA_OVERRIDES["attention"]
+    d["attention"] = {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2}
     d["mtp"] = {"depth": 0}
     d["rope"] = {"theta": 10000.0, "yarn": None}
     return dsj.ModelConfig.from_dict(d)
@@ -37,8 +36,7 @@ def _teacher_forced(cfg, variables, seqs, lengths, kind="latent", dtype=None, me
         return out.logits, upd["cache"]
 
     got = np.zeros((b, t, cfg.vocab_size), np.float32)
-    ctx = jax.set_mesh(mesh) if mesh is not None else _null()
-    with ctx:
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         v = dsj.sharding.shard_variables(cfg, variables, mesh) if mesh is not None else variables
         cache = G.init_cache(cfg, b, size, kind, dtype, mesh)
         width = int(lengths.max())
@@ -57,14 +55,6 @@ def _teacher_forced(cfg, variables, seqs, lengths, kind="latent", dtype=None, me
                     got[i, pos[i]] = logits[i, 0]
             pos = pos + 1
     return got
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _rel(a, b):
