@@ -4,16 +4,22 @@
 (token, expert) pair is computed. Letters: n tokens (b*t flattened), d model, e experts, k top-k,
 f expert hidden width, m = n*k (token, expert) pairs.
 
-Routed experts run as a *grouped GEMM* over the pairs sorted by expert. Two kernels, chosen per
-backend by :func:`grouped_gemm_impl` (``benchmarks/moe_grouped_gemm.py`` measures them):
+Routed experts run as a *grouped GEMM* over the pairs sorted by expert. Kernels, chosen per backend
+by :func:`grouped_gemm_impl` (``benchmarks/moe_grouped_gemm.py`` measures them):
 
 * ``"ragged"``: ``jax.lax.ragged_dot`` over the sorted rows (fast kernels on GPU/TPU);
+* ``"capacity"`` (the CPU default): the first ``C`` rows of every expert (``C`` = the mean load times
+  ``main_capacity``, static) as ONE batched matmul ``[e, C, d] · [e, d, f]`` -- each expert's own
+  weights, no per-block weight copies -- plus an *overflow* loop over the rows past ``C`` in blocks of
+  one expert (a ``fori_loop`` up to the dynamic block count, custom VJP), so it stays dropless and the
+  overflow costs what it holds. Balanced routing (what auxiliary-loss-free balancing keeps) puts almost
+  every row in the batched part;
 * ``"blocks"``: rows padded per expert to multiples of ``block`` and computed as a batched matmul
-  with one expert's weights per block (``[nb, B, d] · [nb, d, f]``): XLA:CPU has no fast ragged
-  kernel, and this wastes at most ``e * (block - 1)`` rows.
+  with one expert's weights per block (``[nb, B, d] · [nb, d, f]``); wastes at most ``e * (block - 1)``
+  rows, and copies an expert's weights into every block;
 * ``"blocks_dynamic"``: the same layout, but only the blocks in use are computed (a loop up to the
   used-block count, with a custom VJP). For buffers sized for the worst case and mostly empty, as
-  the expert-parallel receive buffers are; on a full buffer the batched matmul is ~25% faster.
+  the expert-parallel receive buffers are.
 
 Expert ids ``>= e`` mean "no expert": such (token, slot) pairs are not computed and contribute zero.
 
@@ -22,6 +28,7 @@ Expert ids ``>= e`` mean "no expert": such (token, slot) pairs are not computed 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import flax.linen as nn
@@ -32,9 +39,9 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.config import ModelConfig, MoEConfig
 from deepseek_jax.layers import MLP, dtype_of, param
 
-__all__ = ["route", "sequence_balance", "grouped_gemm_impl", "default_block", "routed_experts", "moe_dense_reference", "MoE"]
+__all__ = ["route", "sequence_balance", "grouped_gemm_impl", "default_block", "capacity_rows", "routed_experts", "moe_dense_reference", "MoE"]
 
-GroupedImpl = Literal["blocks", "blocks_dynamic", "ragged"]
+GroupedImpl = Literal["capacity", "blocks", "blocks_dynamic", "ragged"]
 
 
 def route(logits: jax.Array, bias: jax.Array | None, moe: MoEConfig) -> tuple[jax.Array, jax.Array]:
@@ -62,8 +69,8 @@ def route(logits: jax.Array, bias: jax.Array | None, moe: MoEConfig) -> tuple[ja
 
 
 def grouped_gemm_impl(backend: str | None = None) -> GroupedImpl:
-    """``"ragged"`` where ``ragged_dot`` has a fast kernel (GPU, TPU), else ``"blocks"``."""
-    return "ragged" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else "blocks"
+    """``"ragged"`` where ``ragged_dot`` has a fast kernel (GPU, TPU), else ``"capacity"``."""
+    return "ragged" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else "capacity"
 
 
 def _swiglu(x, w1, w3, w2, mm):
@@ -127,6 +134,117 @@ def _take_rows_bwd(res, g):
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+def capacity_rows(rows: int, experts: int, tokens: int, main_capacity: float = 1.0) -> int:
+    """Rows per expert in the ``"capacity"`` kernel's batched part: ``main_capacity`` times the mean load
+    ``rows / experts``, rounded up to a multiple of 8, at most ``tokens`` (no expert can hold more)."""
+    if not main_capacity > 0:
+        raise ValueError(f"main_capacity={main_capacity} must be > 0 (a multiple of the mean rows per expert)")
+    return int(min(tokens, max(8, -(-math.ceil(rows / experts * main_capacity) // 8) * 8)))
+
+
+def _swiglu_rows(x, w13, w2):
+    """One block of one expert: ``x [B, d]``, ``w13 = [w1 | w3] [d, 2f]``, ``w2 [f, d]`` -> ``(h, a, y)``."""
+    f = w2.shape[0]
+    h = x @ w13
+    a = jax.nn.silu(h[:, :f]) * h[:, f:]
+    return h, a, a @ w2
+
+
+def _overflow_block(x, gates, order, blocks, g):
+    """Block ``g`` of the overflow loop: sorted rows ``start .. start + B`` of expert ``blocks[g, 2]``, rows
+    at or past ``blocks[g, 1]`` dead. Returns ``(pair ids (m = dead), token ids (n = dead), gates, expert, x rows)``."""
+    n, m = x.shape[0], gates.shape[0]
+    bsz = order.shape[0] - m
+    start, end, expert = blocks[g, 0], blocks[g, 1], blocks[g, 2]
+    pair = jax.lax.dynamic_slice(order, (start,), (bsz,))
+    live = start + jnp.arange(bsz) < end
+    pair = jnp.where(live, pair, m)
+    token = jnp.where(live, pair // (m // n), n)
+    gate = jnp.take(gates, pair, mode="fill", fill_value=0)
+    return pair, token, gate, expert, jnp.take(x, token, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def _overflow_experts(x, gates, order, blocks, n_blocks, w13, w2):
+    """``y [n, d] = sum_r gate_r FFN_{e_r}(x[token_r])`` over the overflow rows, one block of ``B`` sorted rows
+    of one expert per loop step, ``n_blocks`` (dynamic) steps.
+
+    ``x [n, d]``; ``gates [m]`` (pair order, ``m = n k``); ``order [m + B]`` sorted row -> pair, padded with
+    ``m``; ``blocks [G, 3]`` int32 ``(start row, end row, expert)``; ``w13 [e, d, 2f]``, ``w2 [e, f, d]``.
+    The backward recomputes each block (the overflow is small) instead of storing it.
+    """
+    def body(g, y):
+        _, token, gate, e, xb = _overflow_block(x, gates, order, blocks, g)
+        return y.at[token].add(gate[:, None] * _swiglu_rows(xb, w13[e], w2[e])[2], mode="drop")
+
+    return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros_like(x))
+
+
+def _overflow_experts_fwd(x, gates, order, blocks, n_blocks, w13, w2):
+    return _overflow_experts(x, gates, order, blocks, n_blocks, w13, w2), (x, gates, order, blocks, n_blocks, w13, w2)
+
+
+def _overflow_experts_bwd(res, dy):
+    x, gates, order, blocks, n_blocks, w13, w2 = res
+    f = w2.shape[1]
+
+    def body(g, carry):
+        dx, dgates, dw13, dw2 = carry
+        pair, token, gate, e, xb = _overflow_block(x, gates, order, blocks, g)
+        h, a, yb = _swiglu_rows(xb, w13[e], w2[e])
+        dyb = jnp.take(dy, token, axis=0, mode="fill", fill_value=0)
+        dgates = dgates.at[pair].set(jnp.sum(dyb * yb, -1), mode="drop")
+        dyb = dyb * gate[:, None]
+        da = dyb @ w2[e].T
+        h1, h3 = h[:, :f], h[:, f:]
+        sig = jax.nn.sigmoid(h1)
+        dh = jnp.concatenate([da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig], -1)  # d silu(z) = s(1 + z(1 - s))
+        return (dx.at[token].add(dh @ w13[e].T, mode="drop"), dgates,
+                dw13.at[e].add(xb.T @ dh), dw2.at[e].add(a.T @ dyb))
+
+    zeros = (jnp.zeros_like(x), jnp.zeros_like(gates), jnp.zeros_like(w13), jnp.zeros_like(w2))
+    dx, dgates, dw13, dw2 = jax.lax.fori_loop(0, n_blocks, body, zeros)
+    return dx, dgates, None, None, None, dw13, dw2
+
+
+_overflow_experts.defvjp(_overflow_experts_fwd, _overflow_experts_bwd)
+
+
+def _capacity_experts(x, weights, experts, w1, w3, w2, main_capacity: float, block: int) -> jax.Array:
+    """The ``"capacity"`` kernel (see the module docstring); same contract as :func:`routed_experts`."""
+    n, d = x.shape
+    e, k = w1.shape[0], experts.shape[1]
+    m = n * k
+    cap = capacity_rows(m, e, n, main_capacity)
+    flat = experts.reshape(m)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row -> pair; "no expert" pairs last
+    counts = jnp.zeros((e,), jnp.int32).at[flat].add(1, mode="drop")
+    start = jnp.cumsum(counts) - counts
+    sorted_e = flat[order]
+    se = jnp.minimum(sorted_e, e - 1)
+    rank = jnp.arange(m) - start[se]  # row's place within its expert
+    slot = jnp.where((sorted_e < e) & (rank < cap), se * cap + rank, e * cap)  # sorted row -> main slot
+    pair_slot = jnp.zeros((m,), jnp.int32).at[order].set(slot)  # pair -> main slot (e * cap = none)
+    slot_pair = jnp.full((e * cap,), m, jnp.int32).at[slot].set(order, mode="drop")  # main slot -> pair (m = empty)
+    slot_token = jnp.where(slot_pair < m, slot_pair // k, n)
+    xm = _take_rows(x, slot_token, pair_slot.reshape(n, k)).reshape(e, cap, d)
+    mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)  # noqa: E731 - each expert its own weights
+    ym = checkpoint_name(_swiglu(xm, w1, w3, w2, mm).reshape(e * cap, d), "expert_out")
+    y_pairs = _take_rows(ym, pair_slot, slot_pair[:, None]).reshape(n, k, d)
+    y = jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(x.dtype))
+    if cap >= n:  # no expert can overflow
+        return y
+    over = jnp.maximum(counts - cap, 0)
+    n_blk = (over + block - 1) // block
+    blk_end = jnp.cumsum(n_blk)
+    g = jnp.arange(-(-(m - cap) // block) + e)  # static bound on sum_e ceil(over_e / block)
+    be = jnp.minimum(jnp.searchsorted(blk_end, g, side="right"), e - 1).astype(jnp.int32)
+    blocks = jnp.stack([start[be] + cap + (g - blk_end[be] + n_blk[be]) * block, start[be] + counts[be], be], -1)
+    order_pad = jnp.concatenate([order, jnp.full((block,), m, jnp.int32)])
+    return y + _overflow_experts(x, weights.reshape(m).astype(x.dtype), order_pad, blocks, blk_end[-1],
+                                 jnp.concatenate([w1, w3], -1), w2)
+
+
 def _select_experts(w: jax.Array, block_e: jax.Array) -> jax.Array:
     """``w[block_e]`` as a one-hot matmul (exact: one term per output): its transpose sums the blocks of
     each expert with a matmul instead of XLA:CPU's serial scatter-add (3x faster forward+backward)."""
@@ -155,15 +273,24 @@ def _grouped(mm, fp8, *aux):
 
 def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                    w2: jax.Array, impl: GroupedImpl | None = None, block: int | None = None,
-                   fp8=None) -> jax.Array:
+                   fp8=None, main_capacity: float = 1.0) -> jax.Array:
     """Dropless routed experts: ``x [n, d]``, ``weights/experts [n, k]``, ``w1/w3 [e, d, f]``, ``w2 [e, f, d]``.
 
     Returns ``sum_j weights[:, j] * FFN_{experts[:, j]}(x)`` as ``[n, d]``; ids ``>= e`` contribute zero.
-    ``impl`` defaults to :func:`grouped_gemm_impl`; ``block`` (block kernels) to :func:`default_block`.
+    ``impl`` defaults to :func:`grouped_gemm_impl`; ``block`` (rows per block of the block kernels and of
+    the capacity kernel's overflow loop) to :func:`default_block`; ``main_capacity``: the capacity
+    kernel's batched rows per expert as a multiple of the mean load (:func:`capacity_rows`).
     ``fp8`` (an :class:`~deepseek_jax.config.FP8Config`): the grouped GEMMs take FP8 activations (1x128
     tiles; 128x1 token tiles per expert block for Wgrad); the weights must already be on their per-expert
-    FP8 grid (:func:`deepseek_jax.fp8.quantize_weight`, as :class:`MoE` does before dispatch).
+    FP8 grid (:func:`deepseek_jax.fp8.quantize_weight`, as :class:`MoE` does before dispatch). FP8 runs
+    the ``"blocks"`` kernel where ``"capacity"`` is asked for (its overflow loop has no FP8 form).
     """
+    impl = impl or grouped_gemm_impl()
+    if impl == "capacity" and fp8 is not None:
+        impl = "blocks"
+    if impl == "capacity":
+        return _capacity_experts(x, weights, experts, w1, w3, w2, main_capacity,
+                                 block or default_block(x.shape[0] * experts.shape[1], w1.shape[0]))
     n, d = x.shape
     e, k = w1.shape[0], experts.shape[1]
     m = n * k
@@ -173,7 +300,6 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
     counts = jnp.zeros((e,), jnp.int32).at[flat].add(1, mode="drop")
     sorted_e = flat[order]
     valid = sorted_e < e
-    impl = impl or grouped_gemm_impl()
     if impl == "ragged":
         xs = x[token]  # [m, d], grouped by expert
         mm = _grouped(_ragged_mm, fp8, counts)
@@ -203,7 +329,7 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
         y_pairs = _take_rows(yb, pair_row.reshape(-1), row_pair[:, None]).reshape(n, k, d)
         return jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(yb.dtype))
     else:
-        raise ValueError(f"impl={impl!r} must be 'blocks', 'blocks_dynamic' or 'ragged'")
+        raise ValueError(f"impl={impl!r} must be 'capacity', 'blocks', 'blocks_dynamic' or 'ragged'")
     ys = checkpoint_name(ys, "expert_out")
     inv = jnp.argsort(order)  # original pair -> sorted position
     y_pairs = ys[inv].reshape(n, k, d)

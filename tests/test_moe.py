@@ -22,15 +22,20 @@ def _problem(n=96, d=32, f=16, e=8, k=2, seed=0):
     return x, weights, experts, w1, w3, w2, cot
 
 
-@pytest.mark.parametrize("impl,block", [("blocks", 8), ("blocks", 64), ("blocks_dynamic", 8), ("ragged", None)])
-def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block):
+@pytest.mark.parametrize("impl,block,main_capacity", [
+    ("blocks", 8, 1.0), ("blocks", 64, 1.0), ("blocks_dynamic", 8, 1.0), ("ragged", None, 1.0),
+    ("capacity", 8, 1.0),  # 96*2/8 = 24 rows per expert in the batched part; ~6 overflow rows on each busy expert
+    ("capacity", 8, 0.3),  # most rows in the overflow loop, several blocks per expert
+    ("capacity", 16, 4.0)])  # the batched part holds every row (no overflow loop)
+def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block, main_capacity):
     x, weights, experts, w1, w3, w2, cot = _problem()
     assert set(np.unique(experts)) == set(range(6))  # experts 6 and 7 get no tokens
 
     def loss(fn, *args):
         return jnp.sum(fn(*args) * cot)
 
-    ours = lambda x, w, a, b, c: routed_experts(x, w, experts, a, b, c, impl=impl, block=block or 64)  # noqa: E731
+    ours = lambda x, w, a, b, c: routed_experts(x, w, experts, a, b, c, impl=impl, block=block or 64,  # noqa: E731
+                                                main_capacity=main_capacity)
     ref = lambda x, w, a, b, c: moe_dense_reference(x, w, experts, a, b, c)  # noqa: E731
     args = (x, weights, w1, w3, w2)
     np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-5, atol=1e-5)
@@ -41,7 +46,7 @@ def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block):
     assert float(jnp.abs(g_ours[2][6:]).max()) == 0.0  # idle experts receive zero gradient
 
 
-@pytest.mark.parametrize("impl", ["blocks", "blocks_dynamic", "ragged"])
+@pytest.mark.parametrize("impl", ["capacity", "blocks", "blocks_dynamic", "ragged"])
 def test_no_expert_ids_contribute_nothing(impl):
     """Ids >= e mark empty slots (expert-parallel receive buffers): equal to dropping those slots."""
     x, weights, experts, w1, w3, w2, cot = _problem()
@@ -56,11 +61,30 @@ def test_no_expert_ids_contribute_nothing(impl):
     np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
 
 
-def test_blocks_path_handles_every_token_on_one_expert():
-    x, weights, experts, w1, w3, w2, _ = _problem(n=70, k=1)
-    experts = jnp.zeros_like(experts)  # worst case for padding bound: all rows on expert 0
-    np.testing.assert_allclose(routed_experts(x, weights, experts, w1, w3, w2, impl="blocks", block=16),
-                               moe_dense_reference(x, weights, experts, w1, w3, w2), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("impl", ["capacity", "blocks"])
+def test_block_kernels_handle_every_token_on_one_expert(impl):
+    """The worst case for the padding bound and for the capacity kernel's overflow (every row past the
+    batched part is overflow): values and gradients still equal the dense reference."""
+    x, weights, experts, w1, w3, w2, cot = _problem(n=70, k=1)
+    experts = jnp.zeros_like(experts)
+    ours = lambda x, w, a: routed_experts(x, w, experts, a, w3, w2, impl=impl, block=16)  # noqa: E731
+    ref = lambda x, w, a: moe_dense_reference(x, w, experts, a, w3, w2)  # noqa: E731
+    np.testing.assert_allclose(ours(x, weights, w1), ref(x, weights, w1), rtol=1e-5, atol=1e-5)
+    g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=(0, 1, 2))(x, weights, w1)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=(0, 1, 2))(x, weights, w1)
+    for name, a, b in zip(["x", "weights", "w1"], g_ours, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_capacity_rows_and_its_errors():
+    from deepseek_jax.moe import capacity_rows
+
+    assert capacity_rows(8192, 16, 2048) == 512  # the mean load
+    assert capacity_rows(8192, 16, 2048, 1.3) == 672  # 665.6 rounded up to a multiple of 8
+    assert capacity_rows(100, 16, 50) == 8  # at least 8
+    assert capacity_rows(8192, 16, 300, 2.0) == 300  # never more than the tokens
+    with pytest.raises(ValueError, match="main_capacity"):
+        capacity_rows(8192, 16, 2048, 0.0)
 
 
 def _naive_v3_route(logits, bias, n_group, topk_group, k, scale):
