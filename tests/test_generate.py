@@ -207,6 +207,22 @@ def trained_tiny(tiny_run):
     return G.load_run(str(tiny_run[0]))
 
 
+def _replay_greedy_speculation(cfg, variables, prompt, out):
+    """(drafted, accepted) of greedy speculation that produced ``out`` after ``prompt``, replayed from ONE
+    full forward of the final sequence: with ``S[i]`` the newest token, the draft for ``S[i+1]`` is MTP
+    module 1's argmax at position ``i-1`` (it sees ``h_{i-1}`` and ``Emb(S[i])``); accepted, the step
+    emits two tokens, else one. Causality makes the full forward's logits those the cached steps saw."""
+    seq = np.asarray(prompt + out, np.int32)
+    o = dsj.model.Transformer(cfg).apply(variables, jnp.asarray(seq[None]))
+    mtp = np.asarray(jnp.argmax(o.mtp_logits[0, 0], -1))
+    i, n, drafted, accepted = len(prompt), 1, 0, 0
+    while n < len(out):
+        ok = mtp[i - 1] == seq[i + 1]
+        drafted, accepted = drafted + 1, accepted + int(ok)
+        i, n = i + 1 + ok, n + 1 + ok
+    return drafted, accepted
+
+
 @pytest.mark.slow
 def test_speculative_greedy_equals_plain_greedy_for_200_tokens(trained_tiny):
     cfg, variables, tok = trained_tiny
@@ -218,7 +234,11 @@ def test_speculative_greedy_equals_plain_greedy_for_200_tokens(trained_tiny):
           f"{stats['tokens_per_forward']:.2f} tokens per main-model forward")
     assert spec == plain
     assert all(len(o) == 200 for o in spec)
-    assert stats["acceptance_rate"] > 0.2 and stats["tokens_per_forward"] > 1.2
+    # the acceptances are those the MTP head's own predictions imply (how many depends on the trained
+    # model: a 300-step model's greedy text can fall into loops its MTP head does not predict)
+    replay = [_replay_greedy_speculation(cfg, variables, p, o) for p, o in zip(prompts, plain)]
+    assert stats["drafted"] == sum(d for d, _ in replay)
+    assert abs(stats["accepted"] - sum(a for _, a in replay)) <= 2  # argmax near-ties: cached vs full forward
     # sampling with the draft: runs, respects top-k, stops at the budget
     sampled = dsj.generate(cfg, variables, prompts, 30, temperature=0.8, top_k=20, speculative=True, eos_id=-1)
     assert [len(s) for s in sampled] == [30, 30, 30]
