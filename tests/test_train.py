@@ -119,8 +119,12 @@ def test_packing_never_leaks_between_documents(tiny_cfg, tiny_vars):
     after = _token_terms(tiny_cfg, tiny_vars, _packed_row(a, b2, c))
     keep = np.r_[0:11, 20:32]
     for x, y in zip(before, after):
-        np.testing.assert_array_equal(x[0, keep], y[0, keep])
-        assert not np.allclose(x[0, 11:20], y[0, 11:20])
+        # Equal up to float rounding: with another document's tokens changed, the experts' loads change,
+        # so a token of document a or c may move between the MoE kernel's batched part and its overflow
+        # loop (another matmul shape, another summation order: ~1e-7). Information from document b would
+        # show at the scale of b's own change (>1e-2).
+        np.testing.assert_allclose(x[0, keep], y[0, keep], rtol=1e-6, atol=0)
+        assert np.abs(x[0, 11:19] - y[0, 11:19]).max() > 1e-2
     # The mask drops exactly the cross-document targets: main loss, last position of each document.
     _, m1 = T.shifted_targets(*[_packed_row(a, b, c)[k] for k in ("tokens", "segment_ids")], 1)
     assert np.flatnonzero(~np.asarray(m1[0])).tolist() == [10, 19, 31]
