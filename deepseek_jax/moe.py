@@ -73,11 +73,14 @@ def grouped_gemm_impl(backend: str | None = None) -> GroupedImpl:
     return "ragged" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else "capacity"
 
 
-def _swiglu(x, w1, w3, w2, mm):
-    """Expert SwiGLU with ``w1 | w3`` fused into one ``[d, 2f]`` matmul (fewer, wider GEMMs)."""
-    f = w1.shape[-1]
-    h = checkpoint_name(mm(x, jnp.concatenate([w1, w3], axis=-1)), "swiglu_in")
-    return mm(jax.nn.silu(h[..., :f]) * h[..., f:], w2)
+def _swiglu(x, w13, w2, mm):
+    """Expert SwiGLU with ``w13 = [w1 | w3]`` (``[..., d, 2f]``: one wider GEMM instead of two) and ``w2
+    [..., f, d]``. Returns ``(h = x w13, a = silu(h_1) * h_3, y = a w2)``; the overflow loop's backward
+    reuses ``h`` and ``a``."""
+    f = w2.shape[-2]
+    h = checkpoint_name(mm(x, w13), "swiglu_in")
+    a = jax.nn.silu(h[..., :f]) * h[..., f:]
+    return h, a, mm(a, w2)
 
 
 def default_block(rows: int, experts: int) -> int:
@@ -142,14 +145,6 @@ def capacity_rows(rows: int, experts: int, tokens: int, main_capacity: float = 1
     return int(min(tokens, max(8, -(-math.ceil(rows / experts * main_capacity) // 8) * 8)))
 
 
-def _swiglu_rows(x, w13, w2):
-    """One block of one expert: ``x [B, d]``, ``w13 = [w1 | w3] [d, 2f]``, ``w2 [f, d]`` -> ``(h, a, y)``."""
-    f = w2.shape[0]
-    h = x @ w13
-    a = jax.nn.silu(h[:, :f]) * h[:, f:]
-    return h, a, a @ w2
-
-
 def _overflow_block(x, gates, order, blocks, g):
     """Block ``g`` of the overflow loop: sorted rows ``start .. start + B`` of expert ``blocks[g, 2]``, rows
     at or past ``blocks[g, 1]`` dead. Returns ``(pair ids (m = dead), token ids (n = dead), gates, expert, x rows)``."""
@@ -175,7 +170,7 @@ def _overflow_experts(x, gates, order, blocks, n_blocks, w13, w2):
     """
     def body(g, y):
         _, token, gate, e, xb = _overflow_block(x, gates, order, blocks, g)
-        return y.at[token].add(gate[:, None] * _swiglu_rows(xb, w13[e], w2[e])[2], mode="drop")
+        return y.at[token].add(gate[:, None] * _swiglu(xb, w13[e], w2[e], jnp.matmul)[2], mode="drop")
 
     return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros_like(x))
 
@@ -191,7 +186,7 @@ def _overflow_experts_bwd(res, dy):
     def body(g, carry):
         dx, dgates, dw13, dw2 = carry
         pair, token, gate, e, xb = _overflow_block(x, gates, order, blocks, g)
-        h, a, yb = _swiglu_rows(xb, w13[e], w2[e])
+        h, a, yb = _swiglu(xb, w13[e], w2[e], jnp.matmul)
         dyb = jnp.take(dy, token, axis=0, mode="fill", fill_value=0)
         dgates = dgates.at[pair].set(jnp.sum(dyb * yb, -1), mode="drop")
         dyb = dyb * gate[:, None]
@@ -210,17 +205,13 @@ def _overflow_experts_bwd(res, dy):
 _overflow_experts.defvjp(_overflow_experts_fwd, _overflow_experts_bwd)
 
 
-def _capacity_experts(x, weights, experts, w1, w3, w2, main_capacity: float, block: int) -> jax.Array:
-    """The ``"capacity"`` kernel (see the module docstring); same contract as :func:`routed_experts`."""
+def _capacity_experts(x, weights, order, counts, sorted_e, w13, w2, main_capacity: float, block: int) -> jax.Array:
+    """The ``"capacity"`` kernel (see the module docstring), on :func:`routed_experts`' sorted pairs."""
     n, d = x.shape
-    e, k = w1.shape[0], experts.shape[1]
-    m = n * k
+    e, m = w13.shape[0], order.shape[0]
+    k = m // n
     cap = capacity_rows(m, e, n, main_capacity)
-    flat = experts.reshape(m)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row -> pair; "no expert" pairs last
-    counts = jnp.zeros((e,), jnp.int32).at[flat].add(1, mode="drop")
     start = jnp.cumsum(counts) - counts
-    sorted_e = flat[order]
     se = jnp.minimum(sorted_e, e - 1)
     rank = jnp.arange(m) - start[se]  # row's place within its expert
     slot = jnp.where((sorted_e < e) & (rank < cap), se * cap + rank, e * cap)  # sorted row -> main slot
@@ -229,7 +220,7 @@ def _capacity_experts(x, weights, experts, w1, w3, w2, main_capacity: float, blo
     slot_token = jnp.where(slot_pair < m, slot_pair // k, n)
     xm = _take_rows(x, slot_token, pair_slot.reshape(n, k)).reshape(e, cap, d)
     mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)  # noqa: E731 - each expert its own weights
-    ym = checkpoint_name(_swiglu(xm, w1, w3, w2, mm).reshape(e * cap, d), "expert_out")
+    ym = checkpoint_name(_swiglu(xm, w13, w2, mm)[2].reshape(e * cap, d), "expert_out")
     y_pairs = _take_rows(ym, pair_slot, slot_pair[:, None]).reshape(n, k, d)
     y = jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(x.dtype))
     if cap >= n:  # no expert can overflow
@@ -241,8 +232,7 @@ def _capacity_experts(x, weights, experts, w1, w3, w2, main_capacity: float, blo
     be = jnp.minimum(jnp.searchsorted(blk_end, g, side="right"), e - 1).astype(jnp.int32)
     blocks = jnp.stack([start[be] + cap + (g - blk_end[be] + n_blk[be]) * block, start[be] + counts[be], be], -1)
     order_pad = jnp.concatenate([order, jnp.full((block,), m, jnp.int32)])
-    return y + _overflow_experts(x, weights.reshape(m).astype(x.dtype), order_pad, blocks, blk_end[-1],
-                                 jnp.concatenate([w1, w3], -1), w2)
+    return y + _overflow_experts(x, weights.reshape(m).astype(x.dtype), order_pad, blocks, blk_end[-1], w13, w2)
 
 
 def _select_experts(w: jax.Array, block_e: jax.Array) -> jax.Array:
@@ -288,22 +278,23 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
     impl = impl or grouped_gemm_impl()
     if impl == "capacity" and fp8 is not None:
         impl = "blocks"
-    if impl == "capacity":
-        return _capacity_experts(x, weights, experts, w1, w3, w2, main_capacity,
-                                 block or default_block(x.shape[0] * experts.shape[1], w1.shape[0]))
     n, d = x.shape
     e, k = w1.shape[0], experts.shape[1]
     m = n * k
     flat = experts.reshape(m)
-    order = jnp.argsort(flat, stable=True)  # sorted pair -> original pair index; "no expert" pairs last
-    token = order // k
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted pair -> original pair; "no expert" last
     counts = jnp.zeros((e,), jnp.int32).at[flat].add(1, mode="drop")
     sorted_e = flat[order]
+    w13 = jnp.concatenate([w1, w3], axis=-1)
+    if impl == "capacity":
+        return _capacity_experts(x, weights, order, counts, sorted_e, w13, w2, main_capacity,
+                                 block or default_block(m, e))
+    token = order // k
     valid = sorted_e < e
     if impl == "ragged":
         xs = x[token]  # [m, d], grouped by expert
         mm = _grouped(_ragged_mm, fp8, counts)
-        ys = jnp.where(valid[:, None], _swiglu(xs, w1, w3, w2, mm), 0)
+        ys = jnp.where(valid[:, None], _swiglu(xs, w13, w2, mm)[2], 0)
     elif impl in ("blocks", "blocks_dynamic"):
         block = block or default_block(m, e)
         nb = m // block + e  # static bound on sum_e ceil(count_e / block)
@@ -325,7 +316,7 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
         else:
             mm = _grouped(_used_block_mm, fp8, block_e, pend[-1] // block)
 
-        yb = checkpoint_name(_swiglu(xb, w1, w3, w2, mm).reshape(nb * block, d), "expert_out")
+        yb = checkpoint_name(_swiglu(xb, w13, w2, mm)[2].reshape(nb * block, d), "expert_out")
         y_pairs = _take_rows(yb, pair_row.reshape(-1), row_pair[:, None]).reshape(n, k, d)
         return jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(yb.dtype))
     else:
