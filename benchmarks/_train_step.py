@@ -19,7 +19,7 @@ def step_timer(cfg, batch: int, seq: int, remat: str = "none") -> Callable[[], t
     _, tcfg = T.load_run_config("tiny", [f"train.batch_size={batch}", f"train.seq_len={seq}", "train.steps=1000",
                                          "train.optim.warmup_steps=10", f"train.remat={remat}"])
     mesh = dsj.sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    fns = T.make_train_fns(cfg, tcfg, mesh)
+    fns = T.make_train_fns(cfg, T.StepConfig.from_train(tcfg), T.Pretrain(tcfg.balance_alpha, tcfg.z_loss), mesh)
     state = {"state": fns.init(jax.random.key(0))}
     toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
     b = T.global_batch({"tokens": toks, "segment_ids": np.ones_like(toks),
@@ -28,7 +28,7 @@ def step_timer(cfg, batch: int, seq: int, remat: str = "none") -> Callable[[], t
 
     def run() -> tuple[float, dict]:
         t = time.perf_counter()
-        state["state"], m = fns.step(state["state"], b, np.float32(0.3), np.float32(0.001))
+        state["state"], m = fns.step(state["state"], b, T.hyper(0.3, 0.001))
         jax.block_until_ready(m)
         return time.perf_counter() - t, m
 

@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 
 import deepseek_jax as dsj  # noqa: E402
 from _provenance import provenance  # noqa: E402
-from deepseek_jax import generation as G  # noqa: E402
-from deepseek_jax.attention import CacheConfig  # noqa: E402
+from deepseek_jax import infer as G  # noqa: E402
+from deepseek_jax.nn.attention import CacheConfig  # noqa: E402
 
 
 def _decoder(cfg, kind: str, size: int):

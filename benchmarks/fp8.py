@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import deepseek_jax as dsj  # noqa: E402
 from _provenance import provenance  # noqa: E402
 from _train_step import step_timer  # noqa: E402
-from deepseek_jax import fp8  # noqa: E402
+from deepseek_jax.kernels import fp8  # noqa: E402
 
 
 def weight_bytes(cfg) -> dict:

@@ -16,14 +16,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # the test oracles (references.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _provenance import provenance, time_fn  # noqa: E402
-from deepseek_jax.moe import default_block, grouped_gemm_impl, moe_dense_reference, route, routed_experts  # noqa: E402
+from deepseek_jax.kernels.grouped_gemm import default_block, grouped_gemm_impl, routed_experts  # noqa: E402
 from deepseek_jax.config import MoEConfig, RouterConfig  # noqa: E402
+from deepseek_jax.nn.moe import route  # noqa: E402
+from references import moe_dense_reference  # noqa: E402
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 import deepseek_jax as dsj  # noqa: E402
 from _provenance import provenance, time_fn  # noqa: E402
 from deepseek_jax import sharding as S  # noqa: E402
-from deepseek_jax.layout import hlo_collectives  # noqa: E402
-from deepseek_jax.losses import cross_entropy  # noqa: E402
+from deepseek_jax.analysis.layout import hlo_collectives  # noqa: E402
+from deepseek_jax.train.objectives import cross_entropy  # noqa: E402
 
 LAYOUTS = ["data=8", "fsdp=8", "expert=8", "tensor=2,expert=4", "data=2,fsdp=2,expert=2", "data=2,tensor=2,expert=2"]
 

@@ -6,15 +6,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+
+import jax
+
+from deepseek_jax.analysis.layout import format_report, layout_report
+from deepseek_jax.analysis.params import model_info
+from deepseek_jax.config import load_config
+from deepseek_jax.hf import config_from_hf
+from deepseek_jax.infer.engine import generate
+from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
+from deepseek_jax.train.config import load_run_config
+from deepseek_jax.train.loop import TrainingDiverged, train
+from deepseek_jax.train.run_dir import load_run
 
 __all__ = ["main"]
 
 
 def _fake_cpu_devices(n: int) -> None:
-    """On a CPU-only machine, expose ``n`` devices (must run before JAX initialises its backend)."""
-    import os
-
+    """On a CPU-only machine, expose ``n`` devices (must run before JAX initialises its backend: importing
+    jax and this package does not, the first ``jax.devices()`` does)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
@@ -22,15 +35,8 @@ def _fake_cpu_devices(n: int) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     if args.mesh:
-        import math
-
-        from deepseek_jax.sharding import parse_mesh
-
-        _fake_cpu_devices(math.prod(parse_mesh(args.mesh).values()))
-    from deepseek_jax.config import ModelConfig, load_config
-    from deepseek_jax.info import model_info
-
-    cfg = load_config(args.config) if args.config else ModelConfig.from_hf(args.hf)
+        _fake_cpu_devices(mesh_size(args.mesh))
+    cfg = load_config(args.config) if args.config else config_from_hf(args.hf)
     if args.mesh:
         return _layout(cfg, args)
     info = model_info(cfg)
@@ -54,16 +60,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _layout(cfg, args: argparse.Namespace) -> int:
-    import jax
-
-    from deepseek_jax.layout import format_report, layout_report
-    from deepseek_jax.sharding import make_mesh, parse_mesh
-
     axes = parse_mesh(args.mesh)
     devices = jax.devices()
-    n = 1
-    for v in axes.values():
-        n *= v
+    n = mesh_size(axes)
     mesh = make_mesh(axes, devices[:n] if jax.default_backend() == "cpu" else devices)
     report = layout_report(cfg, mesh, batch=args.batch, seq=args.seq, step=not args.no_step)
     if args.json:
@@ -74,9 +73,6 @@ def _layout(cfg, args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import math
-    import os
-
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
@@ -85,22 +81,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.mesh is not None:
         overrides.append(f"train.mesh={args.mesh}")
     if args.num_processes > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        import jax
-
         if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         if args.mesh:
-            from deepseek_jax.sharding import parse_mesh
-
-            _fake_cpu_devices(math.prod(parse_mesh(args.mesh).values()) // max(args.num_processes, 1))
+            _fake_cpu_devices(mesh_size(args.mesh) // max(args.num_processes, 1))
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
     elif args.mesh:
-        from deepseek_jax.sharding import parse_mesh
-
-        _fake_cpu_devices(math.prod(parse_mesh(args.mesh).values()))
-    from deepseek_jax.train import TrainingDiverged, load_run_config, train
-
+        _fake_cpu_devices(mesh_size(args.mesh))
     cfg, tcfg = load_run_config(args.config, overrides)
     try:
         summary = train(cfg, tcfg, progress=not args.no_progress)
@@ -113,10 +101,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import time
-
-    from deepseek_jax.generate import generate, load_run
-
     cfg, variables, tok = load_run(args.checkpoint)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json beside the checkpoint; cannot encode the prompt")

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from deepseek_jax.config_io import CONFIG_DIR, from_dict, merge, read_yaml, resolve_config_path, strip_train_section
 
 __all__ = [
     "YarnConfig",
@@ -32,12 +30,10 @@ __all__ = [
     "FP8Config",
     "ModelConfig",
     "load_config",
-    "resolve_config_path",
     "config_from_dict",
+    "yarn_mscale",
     "CONFIG_DIR",
 ]
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -265,12 +261,6 @@ class FP8Config:
         if self.impl not in ("auto", "simulate", "native"):
             _fail("fp8.impl", self.impl, "must be 'auto', 'simulate' or 'native'")
 
-    @property
-    def resolved_impl(self) -> str:
-        from deepseek_jax.fp8 import default_impl
-
-        return default_impl() if self.impl == "auto" else self.impl
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -348,7 +338,7 @@ class ModelConfig:
         scale = self.attention.qk_head_dim ** -0.5
         y = self.rope.yarn
         if y is not None and y.mscale_all_dim:
-            m = _yarn_mscale(y.factor, y.mscale_all_dim)
+            m = yarn_mscale(y.factor, y.mscale_all_dim)
             scale *= m * m
         return scale
 
@@ -357,97 +347,32 @@ class ModelConfig:
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A new validated config with ``overrides`` (dotted keys reach nested fields)."""
-        return config_from_dict(_merge(self.to_dict(), overrides))
+        return config_from_dict(merge(self.to_dict(), overrides))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return config_from_dict(d)
 
-    @classmethod
-    def from_hf(cls, path_or_dict: str | Path | dict[str, Any]) -> "ModelConfig":
-        """From a Hugging Face ``config.json`` (``deepseek_v3``, ``deepseek_v2``, ``llama``)."""
-        from deepseek_jax.hf.config import config_from_hf
 
-        return config_from_hf(path_or_dict)
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention factor ``m(s, mscale) = 0.1 * mscale * ln s + 1`` (1 for ``s <= 1``)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-# --------------------------------------------------------------------------------------------------
-# dict <-> dataclass, strictly
-def _from_dict(cls: type, d: Any, where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                         f"known keys at this level: {', '.join(sorted(names))}")
-    kwargs = {}
-    for k, v in d.items():
-        sub = _dataclass_in(hints[k])
-        recurse = sub is not None and v is not None and not isinstance(v, bool)  # ``fp8: true`` is allowed
-        kwargs[k] = _from_dict(sub, v, f"{where}{k}.") if recurse else v
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # missing required fields
-        raise ValueError(f"{where or 'config'}: {e}") from None
-
-
-def _dataclass_in(tp: Any) -> type | None:
-    if dataclasses.is_dataclass(tp):
-        return tp
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        for a in typing.get_args(tp):
-            if dataclasses.is_dataclass(a):
-                return a
-    return None
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` (nested dicts and/or dotted keys like ``moe.n_routed_experts``)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            value = {rest: value}
-        if isinstance(value, dict) and isinstance(out.get(head), dict):
-            out[head] = _merge(out[head], value)
-        else:
-            out[head] = value
-    return out
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     """Build and validate a :class:`ModelConfig`; unknown keys raise ``ValueError``."""
-    return _from_dict(ModelConfig, d, "")
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """``path`` itself if it exists, else the preset of that name in ``configs/`` (``"tiny"``)."""
-    p = Path(path)
-    if p.exists():
-        return p
-    cand = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
-    if not cand.exists():
-        known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"config {str(path)!r} not found (presets: {known})")
-    return cand
+    return from_dict(ModelConfig, d, "")
 
 
 def load_config(path: str | Path, **overrides: Any) -> ModelConfig:
     """Read a YAML preset. ``path`` may be a file or a preset name in ``configs/`` (``"tiny"``).
 
-    ``overrides`` are merged first, e.g. ``load_config("tiny", n_layers=4, **{"mtp.depth": 2})``.
+    ``overrides`` are merged first, e.g. ``load_config("tiny", n_layers=4, **{"mtp.depth": 2})``. The
+    preset's ``train:`` section (the run settings, :mod:`deepseek_jax.train.config`) is ignored here.
     """
     p = resolve_config_path(path)
-    with open(p) as f:
-        d = yaml.safe_load(f) or {}
-    d.pop("train", None)  # the run settings of a preset (train.TrainConfig), not the architecture
+    model, _ = strip_train_section(read_yaml(p))
     try:
-        return config_from_dict(_merge(d, overrides))
+        return config_from_dict(merge(model, overrides))
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None

@@ -27,6 +27,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import deepseek_jax as dsj
+from deepseek_jax.nn.attention import MLA
+from deepseek_jax.nn.layers import RMSNorm
+from deepseek_jax.nn.moe import route
 
 cfg = dsj.load_config("tiny")
 variables = dsj.init_variables(cfg, 0)
@@ -85,12 +88,12 @@ x = p["embed"][tokens]
 first = jax.tree_util.tree_map(lambda w: w[0], p["dense_layers"])
 x, _ = dsj.DecoderLayer(cfg, moe=False).apply({"params": first}, x, pos, seg)
 moe0 = jax.tree_util.tree_map(lambda w: w[0], p["moe_layers"])
-x_attn = x + dsj.attention.MLA(cfg).apply({"params": moe0["attn"]},
-                                          dsj.layers.RMSNorm(cfg.d_model, cfg.rms_norm_eps).apply({"params": moe0["attn_norm"]}, x), pos, seg)
-h = dsj.layers.RMSNorm(cfg.d_model, cfg.rms_norm_eps).apply({"params": moe0["ffn_norm"]}, x_attn)[0]
+x_attn = x + MLA(cfg).apply({"params": moe0["attn"]},
+                           RMSNorm(cfg.d_model, cfg.rms_norm_eps).apply({"params": moe0["attn_norm"]}, x), pos, seg)
+h = RMSNorm(cfg.d_model, cfg.rms_norm_eps).apply({"params": moe0["ffn_norm"]}, x_attn)[0]
 logits = h @ moe0["ffn"]["router"]
 bias = 0.005 * jax.random.normal(jax.random.key(1), (cfg.moe.n_routed_experts,))  # an illustrative learned bias
-weights, experts = dsj.moe.route(logits, bias, cfg.moe)
+weights, experts = route(logits, bias, cfg.moe)
 per_group = cfg.moe.n_routed_experts // cfg.moe.router.n_group
 print(f"{cfg.moe.n_routed_experts} experts in {cfg.moe.router.n_group} groups; each token may use "
       f"{cfg.moe.router.topk_group} groups and {cfg.moe.experts_per_token} experts")

@@ -30,7 +30,7 @@ import numpy as np
 
 import deepseek_jax as dsj
 from deepseek_jax import sharding as S
-from deepseek_jax.layout import layout_report
+from deepseek_jax.analysis.layout import layout_report
 
 print(len(jax.devices()), "devices")
 for name, axes in S.RULES.items():

@@ -36,7 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepseek_jax import fp8, train as T  # noqa: E402
+from deepseek_jax import train as T  # noqa: E402
+from deepseek_jax.kernels import fp8  # noqa: E402
 
 os.chdir(Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd())
 

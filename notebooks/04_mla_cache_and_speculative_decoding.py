@@ -40,8 +40,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import deepseek_jax as dsj  # noqa: E402
-from deepseek_jax import generation as G  # noqa: E402
-from deepseek_jax.attention import CacheConfig  # noqa: E402
+from deepseek_jax import infer as G  # noqa: E402
+from deepseek_jax.nn.attention import CacheConfig  # noqa: E402
 
 os.chdir(Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd())
 

@@ -35,7 +35,8 @@ from pathlib import Path  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepseek_jax import optim, train as T  # noqa: E402
+from deepseek_jax import train as T
+from deepseek_jax.train import optim  # noqa: E402
 
 os.chdir(Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd())
 

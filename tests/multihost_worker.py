@@ -26,7 +26,7 @@ def main() -> None:
 
     import deepseek_jax as dsj
     from deepseek_jax import sharding as S
-    from deepseek_jax.losses import cross_entropy
+    from deepseek_jax.train.objectives import cross_entropy
 
     assert jax.process_count() == nproc and len(jax.devices()) == 4 * nproc and len(jax.local_devices()) == 4
     cfg = dsj.load_config("tiny")

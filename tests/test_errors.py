@@ -73,7 +73,7 @@ def test_inconsistent_hf_config(saved, tmp_path):
     cfg = json.loads((saved / "config.json").read_text())
     cfg["n_routed_experts"] = 15
     with pytest.raises(ValueError, match="n_routed_experts=15 is not divisible by n_group=4"):
-        dsj.ModelConfig.from_hf(cfg)
+        dsj.hf.config_from_hf(cfg)
 
 
 def test_mtp_layers_are_optional_when_absent(saved, tmp_path):

@@ -7,32 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax import fp8
-
-
-def _e4m3_round(v: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even onto the E4M3 grid (3 mantissa bits, min normal 2^-6, subnormal step 2^-9),
-    saturating at 448 -- written from the format's definition, not by casting."""
-    a = np.abs(v.astype(np.float64))
-    e = np.floor(np.log2(np.maximum(a, 2.0 ** -6)))
-    step = 2.0 ** (e - 3)
-    r = np.minimum(np.rint(a / step) * step, 448.0)
-    return (np.sign(v) * r).astype(np.float32)
-
-
-def _reference(x: np.ndarray, block) -> tuple[np.ndarray, np.ndarray]:
-    bm, bk = block
-    m, k = x.shape
-    gm, gk = -(-m // bm), -(-k // bk)
-    scale = np.zeros((gm, gk), np.float32)
-    q = np.zeros_like(x, dtype=np.float32)
-    for i in range(gm):
-        for j in range(gk):
-            t = x[i * bm:(i + 1) * bm, j * bk:(j + 1) * bk].astype(np.float32)
-            s = np.float32(max(np.float32(np.abs(t).max()), np.float32(1e-4))) / np.float32(448.0)
-            scale[i, j] = s
-            q[i * bm:(i + 1) * bm, j * bk:(j + 1) * bk] = _e4m3_round(np.clip(t / s, -448, 448))
-    return q, scale
+from deepseek_jax.kernels import fp8
+from references import e4m3_round, fp8_quantize_reference
 
 
 def _adversarial() -> np.ndarray:
@@ -55,7 +31,7 @@ def test_quantize_bit_for_bit_against_numpy(block):
     for x in (rng.normal(size=(130, 260)).astype(np.float32) * rng.uniform(0.01, 100, (130, 1)).astype(np.float32),
               _adversarial()):
         q, s = fp8.quantize(jnp.asarray(x), block)
-        rq, rs = _reference(x, block)
+        rq, rs = fp8_quantize_reference(x, block)
         assert q.dtype == jnp.float8_e4m3fn and s.dtype == jnp.float32 and s.shape == rs.shape
         np.testing.assert_array_equal(np.asarray(s), rs)
         np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)), rq)
@@ -190,7 +166,7 @@ def test_grouped_experts_fp8_match_a_per_expert_reference():
     token with the same FP8 rounding (1x128 tiles are per row, so the forward and Dgrad do not depend on
     how rows are grouped); weight gradients within FP8 error of float32 autodiff."""
     from deepseek_jax.config import FP8Config
-    from deepseek_jax.moe import routed_experts
+    from deepseek_jax.kernels.grouped_gemm import routed_experts
 
     rng = np.random.default_rng(7)
     n, d, f, e, k = 96, 256, 128, 8, 2
@@ -217,7 +193,7 @@ def test_grouped_experts_fp8_match_a_per_expert_reference():
         return jnp.sum(y * dy)
 
     def plain(x, w1, w3, w2):
-        from deepseek_jax.moe import moe_dense_reference
+        from references import moe_dense_reference
 
         return jnp.sum(moe_dense_reference(x, weights, experts, w1, w3, w2) * dy)
 

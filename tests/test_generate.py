@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax import generation as G
-from deepseek_jax.attention import CacheConfig
+from deepseek_jax import infer as G
+from deepseek_jax.nn.attention import CacheConfig
 
 def _gqa_cfg(tiny_cfg):
     d = tiny_cfg.to_dict()
@@ -204,7 +204,7 @@ def test_speculative_sampling_rule_preserves_the_target_distribution():
 @pytest.fixture(scope="module")
 def trained_tiny(tiny_run):
     """The session's trained tiny model (MTP depth 1), loaded back from its run folder."""
-    return G.load_run(str(tiny_run[0]))
+    return dsj.load_run(str(tiny_run[0]))
 
 
 def _replay_greedy_speculation(cfg, variables, prompt, out):
@@ -213,7 +213,7 @@ def _replay_greedy_speculation(cfg, variables, prompt, out):
     module 1's argmax at position ``i-1`` (it sees ``h_{i-1}`` and ``Emb(S[i])``); accepted, the step
     emits two tokens, else one. Causality makes the full forward's logits those the cached steps saw."""
     seq = np.asarray(prompt + out, np.int32)
-    o = dsj.model.Transformer(cfg).apply(variables, jnp.asarray(seq[None]))
+    o = dsj.Transformer(cfg).apply(variables, jnp.asarray(seq[None]))
     mtp = np.asarray(jnp.argmax(o.mtp_logits[0, 0], -1))
     i, n, drafted, accepted = len(prompt), 1, 0, 0
     while n < len(out):

@@ -61,7 +61,7 @@ def _released_checkpoint(tmp_path):
     with SafetensorsFile(tmp_path / "hf" / "model.safetensors") as f:
         tensors = {n: f.get(n) for n in f.names()}
     rng = np.random.RandomState(1)
-    cfg_mtp = dsj.ModelConfig.from_hf({**hf_cfg, "num_nextn_predict_layers": 1})
+    cfg_mtp = dsj.hf.config_from_hf({**hf_cfg, "num_nextn_predict_layers": 1})
     for rule in hf_rules(cfg_mtp):  # an MTP layer, as in the released checkpoint (layer n_layers)
         if rule.hf_name.startswith("model.layers.3."):
             tensors[rule.hf_name] = (rng.randn(*rule.hf_shape) * 0.02).astype(np.float32)
@@ -128,7 +128,7 @@ def test_released_fp8_checkpoint_kept_in_fp8(tmp_path):
     exactly the stored blocks, and the logits match the dequantised load within the FP8 activation error."""
     import jax
 
-    from deepseek_jax import fp8
+    from deepseek_jax.kernels import fp8
 
     ckpt, _, released, _ = _released_checkpoint(tmp_path)
     cfg, deq = dsj.hf.load_checkpoint(ckpt)
@@ -196,7 +196,7 @@ def test_save_checkpoint_round_trip_through_transformers(preset, tmp_path):
     if preset == "tiny":
         cfg = dsj.load_config("tiny")
     else:
-        cfg = dsj.ModelConfig.from_hf(R.LLAMA_TINY)
+        cfg = dsj.hf.config_from_hf(R.LLAMA_TINY)
     variables = _randomize_norms(dsj.init_variables(cfg, 3))
     dsj.hf.save_checkpoint(cfg, variables, tmp_path, max_shard_bytes=2 << 20)  # forces several shards
     assert (tmp_path / "model.safetensors.index.json").exists()

@@ -54,6 +54,15 @@ def test_scan_keeps_big_presets_cheap_to_trace(preset):
     shapes = dsj.abstract_variables(cfg)  # 95 / 27 layers: traced once per stack
     wq = shapes["params"]["dense_layers"]["attn"]["wq"].value
     assert wq.shape[0] == cfg.n_dense_layers
+    # the forward's program does not grow with depth: the same number of equations as a 3-layer model
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+
+    def eqns(c):
+        v = nn.meta.unbox(dsj.abstract_variables(c))
+        return len(jax.make_jaxpr(lambda v, t: dsj.Transformer(c).apply(v, t).logits)(v, tokens).jaxpr.eqns)
+
+    shallow = cfg.replace(n_layers=(cfg.moe.first_k_dense_replace if cfg.moe else 0) + 2)
+    assert eqns(cfg) == eqns(shallow)
 
 
 def test_forward_matches_apply(tiny_cfg, tiny_vars, jit_apply):

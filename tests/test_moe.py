@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax.moe import moe_dense_reference, route, routed_experts
+from deepseek_jax.kernels.grouped_gemm import routed_experts
+from deepseek_jax.nn.moe import route
+from references import moe_dense_reference, naive_v3_route
 
 
 def _problem(n=96, d=32, f=16, e=8, k=2, seed=0):
@@ -77,7 +79,7 @@ def test_block_kernels_handle_every_token_on_one_expert(impl):
 
 
 def test_capacity_rows_and_its_errors():
-    from deepseek_jax.moe import capacity_rows
+    from deepseek_jax.kernels.grouped_gemm import capacity_rows
 
     assert capacity_rows(8192, 16, 2048) == 512  # the mean load
     assert capacity_rows(8192, 16, 2048, 1.3) == 672  # 665.6 rounded up to a multiple of 8
@@ -85,24 +87,6 @@ def test_capacity_rows_and_its_errors():
     assert capacity_rows(8192, 16, 300, 2.0) == 300  # never more than the tokens
     with pytest.raises(ValueError, match="main_capacity"):
         capacity_rows(8192, 16, 2048, 0.0)
-
-
-def _naive_v3_route(logits, bias, n_group, topk_group, k, scale):
-    """Per-token Python loop, written from the V3 report §2.1.2 / inference/model.py Gate."""
-    s = 1 / (1 + np.exp(-logits))
-    out_w, out_i = [], []
-    for row, b in zip(s, np.broadcast_to(bias, s.shape)):
-        choice = row + b
-        groups = choice.reshape(n_group, -1)
-        gscore = np.sort(groups, axis=1)[:, -2:].sum(1)
-        keep = np.argsort(-gscore)[:topk_group]
-        allowed = [e for g in keep for e in range(g * groups.shape[1], (g + 1) * groups.shape[1])]
-        idx = sorted(allowed, key=lambda e: -choice[e])[:k]
-        w = row[idx] / row[idx].sum() * scale
-        order = np.argsort(idx)
-        out_w.append(w[order])
-        out_i.append(np.array(idx)[order])
-    return np.array(out_w), np.array(out_i)
 
 
 def test_v3_router_matches_naive_loop_and_bias_only_selects():
@@ -114,7 +98,7 @@ def test_v3_router_matches_naive_loop_and_bias_only_selects():
     w, i = route(jnp.asarray(logits), jnp.asarray(bias), m)
     order = np.argsort(np.asarray(i), axis=1)
     w, i = np.take_along_axis(np.asarray(w), order, 1), np.take_along_axis(np.asarray(i), order, 1)
-    w_ref, i_ref = _naive_v3_route(logits, bias, m.router.n_group, m.router.topk_group, m.experts_per_token,
+    w_ref, i_ref = naive_v3_route(logits, bias, m.router.n_group, m.router.topk_group, m.experts_per_token,
                                    m.router.routed_scaling_factor)
     np.testing.assert_array_equal(i, i_ref)
     np.testing.assert_allclose(w, w_ref, rtol=1e-6)

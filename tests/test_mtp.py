@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import deepseek_jax as dsj
-from deepseek_jax.layers import RMSNorm
-from deepseek_jax.model import DecoderLayer
+from deepseek_jax.nn.layers import RMSNorm
+from deepseek_jax.nn.block import DecoderLayer
 
 
 def test_mtp_is_causal(tiny_cfg, jit_apply):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax.losses import cross_entropy
+from deepseek_jax.train.objectives import cross_entropy
 from multiproc import free_port, run_processes
 
 

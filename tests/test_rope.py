@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax.rope import apply_rope, inv_frequencies, yarn_ramp_bounds
+from deepseek_jax.nn.rope import apply_rope, inv_frequencies, yarn_ramp_bounds
 
 import hf_reference as R
 
@@ -26,7 +26,7 @@ def test_inv_freq_and_amplitude_match_transformers(hf_cfg):
     cls = transformers.DeepseekV3Config if hf_cfg["model_type"] == "deepseek_v3" else transformers.DeepseekV2Config
     c = cls(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
     ref_f, ref_amp = ROPE_INIT_FUNCTIONS["yarn"](c)
-    cfg = dsj.ModelConfig.from_hf(hf_cfg)
+    cfg = dsj.hf.config_from_hf(hf_cfg)
     f, amp = inv_frequencies(cfg.attention.qk_rope_head_dim, cfg.rope)
     np.testing.assert_allclose(f, ref_f.numpy(), rtol=1e-6)
     assert amp == pytest.approx(ref_amp)

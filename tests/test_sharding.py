@@ -165,7 +165,7 @@ def test_bad_layouts_fail_before_compiling(tiny_cfg, tiny_vars, axes, override, 
 def test_collective_bytes_of_one_sharded_matmul_match_analytic():
     """x[B, D_tensor] . W[D_tensor, F] -> y[B, F]{U_tensor}: one all-reduce of B*F float32 per device;
     W[D_fsdp, F] used whole: one all-gather of D*F float32."""
-    from deepseek_jax.layout import hlo_collectives
+    from deepseek_jax.analysis.layout import hlo_collectives
 
     b, d, f = 64, 512, 256
     mesh = S.make_mesh(dict(tensor=8))
@@ -208,8 +208,8 @@ def test_info_cli_reports_a_layout():
 def test_vocab_parallel_cross_entropy_never_gathers_logits(tiny_cfg, tiny_vars):
     import optax
 
-    from deepseek_jax.layout import hlo_collectives
-    from deepseek_jax.losses import cross_entropy
+    from deepseek_jax.analysis.layout import hlo_collectives
+    from deepseek_jax.train.objectives import cross_entropy
 
     labels = np.roll(TOKENS, -1, axis=1)
 

@@ -12,8 +12,10 @@ import optax
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax import optim, train as T
-from deepseek_jax.moe import route, sequence_balance
+from deepseek_jax import train as T
+from deepseek_jax.train import step as step_module
+from deepseek_jax.train import optim
+from deepseek_jax.nn.moe import route, sequence_balance
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -133,7 +135,8 @@ def test_packing_never_leaks_between_documents(tiny_cfg, tiny_vars):
 def test_loss_fn_parts_match_formulas(tiny_cfg, tiny_vars):
     rng = np.random.default_rng(1)
     batch = _packed_row(rng.integers(0, 512, 20), rng.integers(0, 512, 14), rng.integers(0, 512, 30))
-    total, aux = T.loss_fn(tiny_cfg, "none", tiny_vars["params"], tiny_vars["router"], batch, 0.3, 1e-4, 1e-3)
+    total, aux = T.objective_loss(tiny_cfg, "none", T.Pretrain(1e-4, 1e-3), tiny_vars["params"], tiny_vars["router"],
+                                  batch, {"mtp_lambda": 0.3})
     terms = _token_terms(tiny_cfg, tiny_vars, batch)
     n_main = 61  # 64 positions minus the 3 document ends
     np.testing.assert_allclose(aux["ce"], terms[0].sum() / n_main, rtol=1e-6)
@@ -212,7 +215,8 @@ def test_remat_policies_same_numbers_less_memory(tiny_cfg, tiny_vars):
     res, mem = {}, {}
     for policy in ("none", "full", "deepseek"):
         def f(p, policy=policy):
-            return T.loss_fn(tiny_cfg, policy, p, tiny_vars["router"], batch, 0.3, 1e-4)[0]
+            return T.objective_loss(tiny_cfg, policy, T.Pretrain(1e-4), p, tiny_vars["router"], batch,
+                                    {"mtp_lambda": 0.3})[0]
 
         g = jax.jit(jax.value_and_grad(f))
         res[policy] = g(tiny_vars["params"])
@@ -230,14 +234,15 @@ def test_deepseek_policy_saves_the_named_values_only(tiny_cfg, tiny_vars):
     import contextlib
     import io
 
-    from deepseek_jax.model import DEEPSEEK_SAVED
+    from deepseek_jax.nn.block import DEEPSEEK_SAVED
 
     toks = jnp.zeros((1, 16), jnp.int32)
     batch = {"tokens": toks, "segment_ids": jnp.ones_like(toks), "positions": jnp.broadcast_to(jnp.arange(16), toks.shape)}
     lines = {}
     for policy in ("none", "deepseek"):
         def f(p, policy=policy):
-            return T.loss_fn(tiny_cfg, policy, p, tiny_vars["router"], batch, 0.3, 1e-4)[0]
+            return T.objective_loss(tiny_cfg, policy, T.Pretrain(1e-4), p, tiny_vars["router"], batch,
+                                    {"mtp_lambda": 0.3})[0]
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
@@ -252,12 +257,21 @@ def test_deepseek_policy_saves_the_named_values_only(tiny_cfg, tiny_vars):
 
 # --------------------------------------------------------------------------------------------- FLOPs
 def test_flops_per_token_formula():
-    cfg = dsj.load_config("tiny", **{"mtp.depth": 0})
-    info = dsj.model_info(cfg)
-    a = cfg.attention
-    norms = cfg.n_layers * (2 * cfg.d_model + a.q_lora_rank + a.kv_lora_rank) + cfg.d_model
-    want = 6 * (info["params_active"] - norms) + 6 * cfg.n_layers * a.n_heads * (a.qk_head_dim + a.v_head_dim) * 256
-    assert T.flops_per_token(cfg, 256) == pytest.approx(want, rel=1e-9)
+    """6 x the matmul parameters a token uses, written out from the config (not from the parameter walk),
+    plus the attention term."""
+    for depth in (0, 1):
+        cfg = dsj.load_config("tiny", **{"mtp.depth": depth})
+        a, m, d = cfg.attention, cfg.moe, cfg.d_model
+        n, p, r, v = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        attn = d * a.q_lora_rank + a.q_lora_rank * n * (p + r) + d * (a.kv_lora_rank + r) \
+            + a.kv_lora_rank * n * (p + v) + n * v * d
+        dense_mlp = 3 * d * cfg.intermediate_size
+        moe = d * m.n_routed_experts + 3 * d * m.moe_intermediate_size * (m.experts_per_token + m.n_shared_experts)
+        head = d * cfg.vocab_size
+        main = cfg.n_dense_layers * (attn + dense_mlp) + cfg.n_moe_layers * (attn + moe) + head
+        mtp = depth * (2 * d * d + attn + moe + head)  # eh_proj, one MoE layer, the shared head once more
+        want = 6 * (main + mtp) + 6 * (cfg.n_layers + depth) * n * (p + r + v) * 256
+        assert T.flops_per_token(cfg, 256) == pytest.approx(want, rel=1e-9), depth
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -265,7 +279,7 @@ def test_bad_input_fails_before_compiling(tmp_path, monkeypatch):
     def no_compile(*a, **k):
         raise AssertionError("compiled despite bad input")
 
-    monkeypatch.setattr(T, "_make_train_fns", no_compile)
+    monkeypatch.setattr(step_module, "_make_train_fns", no_compile)
     cfg, tcfg = T.load_run_config("tiny", ["train.steps=2", "train.optim.warmup_steps=1", f"train.out={tmp_path}/run"])
     with pytest.raises(FileNotFoundError, match="data.sources"):
         T.train(cfg, tcfg.replace(**{"data.sources": [str(tmp_path / "missing")]}), progress=False)

@@ -4,6 +4,7 @@ one device, and 2 processes x 4 devices train like 1 process x 8 devices."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -98,12 +100,12 @@ def test_train_step_on_mesh_equals_single_device(tiny_cfg):
     pos = np.concatenate([np.arange(40), np.arange(24)])[None].repeat(8, 0).astype(np.int32)
     results = []
     for mesh in (make_mesh({"data": 1}, jax.devices()[:1]), make_mesh({"data": 2, "expert": 2, "tensor": 2})):
-        fns = T.make_train_fns(tiny_cfg, tcfg, mesh)
+        fns = T.make_train_fns(tiny_cfg, T.StepConfig.from_train(tcfg), T.Pretrain(tcfg.balance_alpha, tcfg.z_loss), mesh)
         state = fns.init(jax.random.key(0))
         batch = T.global_batch({"tokens": toks, "segment_ids": seg, "positions": pos}, fns.batch_sharding, 8)
-        state, m = fns.step(state, batch, np.float32(0.3), np.float32(0.01))
+        state, m = fns.step(state, batch, T.hyper(0.3, 0.01))
         first = (jax.device_get(state["router"]), jax.device_get(m), jax.device_get(state["params"]))
-        state, m = fns.step(state, batch, np.float32(0.3), np.float32(0.01))
+        state, m = fns.step(state, batch, T.hyper(0.3, 0.01))
         results.append((first, jax.device_get(state), jax.device_get(m)))
     ((r1, f1, p1), _, m1), ((r8, f8, p8), _, m8) = results
     # Step 1 starts from identical parameters: the global loads and the bias update are identical.
@@ -145,3 +147,63 @@ def test_two_processes_train_like_one(tmp_path):
     logs = _run_two_processes(tmp_path / "mp", ["train.steps=22", "train.checkpoint_every=20", "train.eval_every=20"])
     assert "resumed from the checkpoint at step 20" in logs[0]
     assert sorted(_losses(tmp_path / "mp")) == list(range(1, 23))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvenPositionsCE:
+    """A second objective: next-token cross-entropy on even positions only (no MTP, no balance term)."""
+
+    def __call__(self, out, intermediates, batch, hyper):
+        tgt, mask = T.shifted_targets(batch["tokens"], batch["segment_ids"], 1)
+        even = (jnp.arange(mask.shape[1]) % 2 == 0)[None]
+        ce, n = T.cross_entropy(out.logits, tgt, mask & even)
+        return ce, {"even_ce": ce, "tokens": n}
+
+
+def _even_ce_reference(cfg, params, router, batch) -> float:
+    """The even-position loss from a plain forward pass and NumPy."""
+    import deepseek_jax as dsj
+
+    variables = jax.tree.map(jnp.asarray, {"params": params, "router": router})
+    out = dsj.Transformer(cfg).apply(variables, batch["tokens"],
+                                     positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logp = np.asarray(jax.nn.log_softmax(out.logits.astype(jnp.float32)), np.float64)
+    tok, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+    nll = []
+    for b in range(tok.shape[0]):
+        for i in range(0, tok.shape[1] - 1, 2):
+            if seg[b, i] > 0 and seg[b, i + 1] == seg[b, i]:
+                nll.append(-logp[b, i, tok[b, i + 1]])
+    return float(np.mean(nll))
+
+
+def test_a_second_objective_goes_through_the_same_step_and_loop(tiny_cfg, tmp_path):
+    from deepseek_jax.sharding import make_mesh
+
+    _, tcfg = T.load_run_config("tiny", SMALL + ["train.steps=3", "train.checkpoint_every=3", "train.eval_every=3"])
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 512, (8, 64)).astype(np.int32)
+    seg = np.repeat(np.array([[1] * 40 + [2] * 20 + [0] * 4]), 8, 0).astype(np.int32)
+    pos = np.concatenate([np.arange(40), np.arange(20), np.zeros(4, int)])[None].repeat(8, 0).astype(np.int32)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    fns = T.make_train_fns(tiny_cfg, T.StepConfig.from_train(tcfg), EvenPositionsCE(), mesh)
+    state = fns.init(jax.random.key(0))
+    before = jax.device_get(state)
+    batch = T.global_batch({"tokens": toks, "segment_ids": seg, "positions": pos}, fns.batch_sharding, 8)
+    state, m = fns.step(state, batch, T.hyper(0.3, 0.01))
+    want = _even_ce_reference(tiny_cfg, before["params"], before["router"], batch)
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    assert float(m["even_ce"]) == float(m["loss"]) and "mtp" not in m and "balance" not in m
+    assert int(m["tokens"]) == 8 * (20 + 10)  # even positions whose target is in the same document
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state["params"]),
+                                           before["params"]))
+    assert any(changed)  # the optimizer ran on this objective's gradient
+
+    # the loop takes the objective too: metrics come from it, checkpoints and resume work as before
+    s = T.train(tiny_cfg, tcfg.replace(out=str(tmp_path / "even")), progress=False, objective=EvenPositionsCE())
+    recs = [json.loads(x) for x in (tmp_path / "even" / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3] and "ce" not in train_recs[0]
+    assert s["step"] == 3 and (tmp_path / "even" / "checkpoints" / "3").is_dir()
+    pre = T.train(tiny_cfg, tcfg.replace(out=str(tmp_path / "pre")), progress=False)
+    assert abs(pre["last_loss"] - s["last_loss"]) > 1e-3  # another objective, another loss

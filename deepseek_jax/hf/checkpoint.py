@@ -32,7 +32,8 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.hf.config import config_from_hf, config_to_hf
 from deepseek_jax.hf.mapping import Rule, hf_rules, mtp_copies
 from deepseek_jax.hf.safetensors_io import SafetensorsFile, write_safetensors
-from deepseek_jax.model import abstract_variables
+from deepseek_jax.nn import tree
+from deepseek_jax.nn.transformer import abstract_variables
 
 __all__ = ["load_checkpoint", "save_checkpoint", "dequantize_blockwise"]
 
@@ -121,7 +122,7 @@ def load_checkpoint(path: str | Path, dtype: Any = jnp.float32, mtp: bool | None
         block = tuple(json.loads((path / "config.json").read_text()).get("quantization_config", {})
                       .get("weight_block_size", (128, 128)))
         variables = _read(cfg, ckpt, np.dtype(jnp.dtype(dtype)), block, keep_fp8)
-        if "fp8_scale" in variables and cfg.fp8 is None:
+        if tree.FP8_SCALE in variables and cfg.fp8 is None:
             cfg = cfg.replace(fp8=True)
     finally:
         ckpt.close()
@@ -205,7 +206,7 @@ def _read(cfg: ModelConfig, ckpt: _Checkpoint, np_dtype: np.dtype, block: tuple[
             node = node.setdefault(part, {})
         node[key[-1]] = jnp.asarray(leaves.pop(key))  # one leaf at a time
     for key, sc in scales.items():
-        node = out.setdefault("fp8_scale", {})
+        node = out.setdefault(tree.FP8_SCALE, {})
         for part in key[1:-1]:
             node = node.setdefault(part, {})
         node[key[-1]] = jnp.asarray(sc)

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.rope import interleaved_to_half
+from deepseek_jax.nn.rope import interleaved_to_half
 
 __all__ = ["Rule", "hf_rules", "mtp_copies"]
 

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import Transformer, abstract_variables
-from deepseek_jax.sharding import BATCH_AXES, check_layout, logical_spec
+from deepseek_jax.nn import tree
+from deepseek_jax.nn.placement import check_layout, logical_tree
+from deepseek_jax.nn.transformer import Transformer
+from deepseek_jax.parallel.rules import logical_spec, named_sharding
 
 __all__ = ["hlo_collectives", "layout_report", "format_report"]
 
@@ -60,7 +62,7 @@ def layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, step: bool
     loss, the same collectives as a cross-entropy step).
     """
     check_layout(cfg, mesh, global_batch=batch)
-    boxed = abstract_variables(cfg)
+    boxed = logical_tree(cfg)
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     params = []
     total = {"params": 0}
@@ -69,7 +71,7 @@ def layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, step: bool
         nbytes = _per_device_bytes(b.value.shape, b.value.dtype, spec, mesh)
         params.append({"name": jax.tree_util.keystr(path), "shape": tuple(b.value.shape), "logical": tuple(b.names),
                        "spec": str(spec), "bytes_per_device": nbytes})
-        if jax.tree_util.keystr(path).startswith("['params']"):
+        if tree.keys(path)[0] == tree.PARAMS:
             total["params"] += nbytes
     f32 = 4 / jnp.dtype(cfg.param_dtype).itemsize
     report: dict[str, Any] = {
@@ -82,7 +84,7 @@ def layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, step: bool
         shardings = jax.tree_util.tree_map(lambda b: NamedSharding(mesh, logical_spec(b.names)), boxed, is_leaf=is_box)
         abstract = jax.tree_util.tree_map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=s),
                                           boxed, shardings, is_leaf=is_box)
-        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=NamedSharding(mesh, P(BATCH_AXES, None)))
+        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=named_sharding(mesh, ("act_batch", None)))
 
         def loss(v, t):
             return jnp.mean(Transformer(cfg).apply(v, t).logits ** 2)

@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.config import RopeConfig, _yarn_mscale
+from deepseek_jax.config import RopeConfig, yarn_mscale
 
 __all__ = ["inv_frequencies", "yarn_ramp_bounds", "apply_rope", "interleaved_to_half"]
 
@@ -50,9 +50,9 @@ def inv_frequencies(dim: int, rope: RopeConfig) -> tuple[np.ndarray, float]:
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     f = f / y.factor * ramp + f * (1 - ramp)
     if y.mscale and y.mscale_all_dim:
-        amp = _yarn_mscale(y.factor, y.mscale) / _yarn_mscale(y.factor, y.mscale_all_dim)
+        amp = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
     else:
-        amp = _yarn_mscale(y.factor, 1.0)
+        amp = yarn_mscale(y.factor, 1.0)
     return f.astype(np.float32), float(amp)
 
 

@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.kernels.backend import has_fast_kernels
+
 __all__ = ["E4M3", "E5M2", "quantize", "dequantize", "matmul", "FP8_MAX", "quantize_weight", "qdot", "dense",
-           "default_impl", "weight_bytes"]
+           "default_impl", "resolve_impl", "weight_bytes"]
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
@@ -166,7 +168,12 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def default_impl(backend: str | None = None) -> str:
     """``"native"`` (FP8 operands into the dot) on GPU/TPU, ``"simulate"`` elsewhere."""
-    return "native" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else "simulate"
+    return "native" if has_fast_kernels(backend) else "simulate"
+
+
+def resolve_impl(fp8_cfg) -> str:
+    """The implementation an :class:`~deepseek_jax.config.FP8Config` asks for (``"auto"`` -> :func:`default_impl`)."""
+    return default_impl() if fp8_cfg.impl == "auto" else fp8_cfg.impl
 
 
 def _fake(x: jax.Array, block: tuple[int, int], scale_fmt: str | None) -> jax.Array:

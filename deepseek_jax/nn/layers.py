@@ -1,8 +1,8 @@
 """Small building blocks shared by the attention, MoE and model modules.
 
 Every parameter is created through :func:`param` with *logical axis names* (one per dimension);
-the sharding rules table maps those names to mesh axes. Logical names used here:
-``vocab, embed, mlp, heads, kv_heads, head_dim, q_lora, kv_lora, qk_head, v_head, exp, mlp_moe, norm``
+:data:`deepseek_jax.parallel.rules.RULES` maps those names to mesh axes. Logical names of parameters:
+``vocab, embed, mlp, heads, kv_heads, head_dim, qk_head, kv_head, v_head, q_lora, kv_lora, exp, mlp_moe, mtp_concat, norm``
 (``layers`` is prepended by ``nn.scan``).
 """
 
@@ -17,13 +17,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.sharding import constrain, fsdp_gather
+from deepseek_jax.kernels import fp8 as fp8_ops
+from deepseek_jax.nn import tree
+from deepseek_jax.parallel.rules import constrain, fsdp_gather
 
-__all__ = ["param", "dense", "linear", "RMSNorm", "MLP", "dtype_of"]
-
-
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
+__all__ = ["param", "linear", "RMSNorm", "MLP"]
 
 
 def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], std: float | None,
@@ -45,41 +43,32 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
 
 
 def _dequantize_param(module: nn.Module, name: str, q: jax.Array, n_in: int, dtype) -> jax.Array:
-    from deepseek_jax.fp8 import dequantize
-
-    if not module.has_variable("fp8_scale", name):
+    if not module.has_variable(tree.FP8_SCALE, name):
         raise ValueError(f"parameter {module.path}/{name} is FP8 ({q.dtype}) but has no 'fp8_scale' entry; "
                          "load FP8 checkpoints with hf.load_checkpoint(..., keep_fp8=True)")
-    scale = module.get_variable("fp8_scale", name)
+    scale = module.get_variable(tree.FP8_SCALE, name)
     lead = q.shape[:scale.ndim - 2]  # one block grid per leading index (e.g. per expert)
     k = math.prod(q.shape[len(lead):len(lead) + n_in])
-    return dequantize(q.reshape(lead + (k, -1)), scale, (128, 128)).reshape(q.shape).astype(dtype)
+    return fp8_ops.dequantize(q.reshape(lead + (k, -1)), scale, (128, 128)).reshape(q.shape).astype(dtype)
 
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1, fp8=None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, n_in: int = 1, fp8=None) -> jax.Array:
     """Contract the last ``n_in`` dims of ``x`` with the first ``n_in`` of ``w`` as ONE 2-D matmul.
 
-    ``x[..., i1..in] · w[i1..in, o1..om] -> [..., o1..om]``. Same math as the einsum; flattening to
-    ``[tokens, in] @ [in, out]`` matters on XLA:CPU, whose backward of 3-D contractions runs ~2x slower.
-    ``fp8`` (an :class:`~deepseek_jax.config.FP8Config`) runs that 2-D product through
-    :func:`deepseek_jax.fp8.dense` (1x128 activation tiles, 128x128 blocks of the flattened ``[in, out]``
-    weight -- the checkpoint's blocks, transposed).
+    ``x[..., i1..in] · w[i1..in, o1..om] -> [..., o1..om]`` (same math as the einsum; the 2-D form is what
+    the CPU backend runs fastest, see ``benchmarks/forward.py``). ``fp8`` (an
+    :class:`~deepseek_jax.config.FP8Config`, i.e. ``cfg.fp8`` of the layers that run in FP8) takes the 2-D
+    product through :func:`deepseek_jax.kernels.fp8.dense` (1x128 activation tiles, 128x128 blocks of the
+    flattened ``[in, out]`` weight -- the checkpoint's blocks, transposed). The embedding, head and router
+    pass no ``fp8``: they stay in high precision, as in DeepSeek-V3.
     """
     lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     k = math.prod(ins)
     if fp8 is None:
         y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
     else:
-        from deepseek_jax import fp8 as fp8_ops
-
-        y = fp8_ops.dense(x.reshape(-1, k), w.reshape(k, -1), fp8.scale_fmt, fp8.resolved_impl)
+        y = fp8_ops.dense(x.reshape(-1, k), w.reshape(k, -1), fp8.scale_fmt, fp8_ops.resolve_impl(fp8))
     return y.reshape(lead + outs)
-
-
-def linear(cfg: ModelConfig, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-    """A linear layer: :func:`dense`, in FP8 when ``cfg.fp8`` is set. The embedding, head and router do
-    not come through here (they stay in high precision, as in DeepSeek-V3)."""
-    return dense(x, w, n_in, cfg.fp8)
 
 
 class RMSNorm(nn.Module):
@@ -109,10 +98,11 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c, pd = self.cfg, dtype_of(self.cfg.param_dtype)
+        c, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
         w1 = param(self, "w1", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w3 = param(self, "w3", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
         w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd)
-        h = jax.nn.silu(checkpoint_name(linear(c, x, w1), "mlp_in")) * checkpoint_name(linear(c, x, w3), "mlp_in")
+        h = jax.nn.silu(checkpoint_name(linear(x, w1, fp8=c.fp8), "mlp_in")) * checkpoint_name(
+            linear(x, w3, fp8=c.fp8), "mlp_in")
         h = constrain(h, "act_batch", "act_length", "act_mlp")
-        return linear(c, h, w2)
+        return linear(h, w2, fp8=c.fp8)

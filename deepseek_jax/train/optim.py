@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deepseek_jax.nn import tree
+
 __all__ = ["OptimConfig", "lr_schedule", "decay_mask", "scale_by_adam_lowp", "make_optimizer", "HostEMA"]
 
 SCHEDULES = ("constant", "cosine", "multistep", "v3")
@@ -100,11 +102,8 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True where weight decay applies: every parameter except RMSNorm scales (any path with ``norm``)."""
-    def keep(path, _):
-        return not any("norm" in str(getattr(k, "key", k)) for k in path)
-
-    return jax.tree_util.tree_map_with_path(keep, params)
+    """True where weight decay applies: every parameter except RMSNorm scales (:func:`nn.tree.is_norm`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: not tree.is_norm(path), params)
 
 
 class ScaleByAdamLowpState(NamedTuple):

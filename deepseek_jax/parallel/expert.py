@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.moe import grouped_gemm_impl, routed_experts
-from deepseek_jax.sharding import BATCH_AXES
+from deepseek_jax.kernels.grouped_gemm import grouped_gemm_impl, routed_experts
+from deepseek_jax.parallel.mesh import BATCH_AXES
 
 __all__ = ["ep_routed_experts", "dispatch_capacity"]
 

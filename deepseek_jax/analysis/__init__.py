@@ -1,0 +1,1 @@
+"""Facts computed from shapes and compiled programs: parameter counts, FLOPs, layout reports."""

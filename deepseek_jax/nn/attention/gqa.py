@@ -1,0 +1,54 @@
+"""Multi-head / grouped-query attention (DeepSeek LLM 7B / 67B)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
+from deepseek_jax.nn.attention.common import HEADS, attention_mask, masked_softmax
+from deepseek_jax.nn.layers import linear, param
+from deepseek_jax.nn.rope import apply_rope
+from deepseek_jax.parallel.rules import constrain
+
+__all__ = ["GQA"]
+
+
+class GQA(nn.Module):
+    """Multi-head / grouped-query attention with RoPE on the whole head (DeepSeek LLM 7B / 67B).
+
+    x[b,t,d] · Wq[d,n,h] -> q; x · Wk[d,g,h], x · Wv[d,g,h] -> k, v; heads n = g * (n/g) share a kv head.
+    With a ``cache``, K and V ``[b, size, g, h]`` are cached per kv head.
+    """
+
+    cfg: ModelConfig
+    cache: CacheConfig | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        c = self.cfg
+        a, pd, dt, std = c.attention, jnp.dtype(c.param_dtype), x.dtype, c.init_std
+        n, g, h = a.n_heads, a.kv_heads, a.head_dim
+        wq = param(self, "wq", (c.d_model, n, h), ("embed", "heads", "head_dim"), std, pd)
+        wk = param(self, "wk", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
+        wv = param(self, "wv", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
+        q = apply_rope(checkpoint_name(linear(x, wq, fp8=c.fp8), "q_proj"), positions, c.rope)
+        k = apply_rope(checkpoint_name(linear(x, wk, fp8=c.fp8), "k_proj"), positions, c.rope)
+        v = constrain(checkpoint_name(linear(x, wv, fp8=c.fp8), "v_proj"), *HEADS)
+        q, k = constrain(q, *HEADS), constrain(k, *HEADS)
+        b, t = x.shape[:2]
+        if self.cache is not None:
+            k = cache_update(self, "k", k, positions, self.cache)
+            v = cache_update(self, "v", v, positions, self.cache)
+            mask = cached_mask(positions, self.cache.size)
+        else:
+            mask = attention_mask(segment_ids)
+        q = q.reshape(b, t, g, n // g, h)
+        scores = jnp.einsum("btgmh,bsgh->bgmts", q, k) * c.softmax_scale
+        probs = masked_softmax(scores, mask[:, :, None], dt)
+        out = checkpoint_name(jnp.einsum("bgmts,bsgh->btgmh", probs, v).reshape(b, t, n, h), "attn_out")
+        wo = param(self, "wo", (n, h, c.d_model), ("heads", "head_dim", "embed"), std, pd, n_in=2)
+        return linear(out, wo, n_in=2, fp8=c.fp8)

@@ -1,0 +1,111 @@
+"""Attention: Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1) and MHA/GQA (DeepSeek LLM).
+
+Dimension letters: b batch, t query positions, s key positions, d model, n heads, g kv heads,
+h head dim, c kv latent (``kv_lora_rank``), q q latent (``q_lora_rank``), r rope dim, p nope dim,
+v value dim.
+
+MLA (training / prefill form, "naive": keys and values are expanded from the latent)::
+
+    cq = RMSNorm(x Wq_a)                       x[b,t,d] · Wq_a[d,q]            (or q = x Wq without q-LoRA)
+    q  = cq Wq_b -> [q_nope | q_rope]          [b,t,q] · Wq_b[q,n,p+r]
+    [c_kv | k_rope] = x Wkv_a                  [b,t,d] · Wkv_a[d,c+r]
+    [k_nope | v]    = RMSNorm(c_kv) Wkv_b      [b,t,c] · Wkv_b[c,n,p+v]
+    score = scale * (q_nope·k_nope + RoPE(q_rope)·RoPE(k_rope))   one RoPE key shared by all heads
+    out   = softmax(score + mask) v Wo         [b,t,n,v] · Wo[n,v,d]
+
+The softmax runs in float32. ``scale`` includes YaRN's ``m**2`` (``ModelConfig.softmax_scale``).
+
+Sharding (scaling-book notation): heads are split over ``tensor`` and the batch over
+``(data, fsdp, expert)``: ``q[B_batch, T, N_tensor, H]``, the latent ``c[B_batch, S, C]`` is replicated
+over ``tensor`` (it is small: that is MLA's point), ``Wkv_b[C, N_tensor, P+V]``, and
+``o[B_batch, T, N_tensor, V] · Wo[N_tensor, V, D] -> y[B_batch, T, D]{U_tensor}`` is all-reduced.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
+from deepseek_jax.nn.attention.common import HEADS, attention_mask, masked_softmax
+from deepseek_jax.nn.layers import RMSNorm, linear, param
+from deepseek_jax.nn.rope import apply_rope
+from deepseek_jax.parallel.rules import constrain
+
+__all__ = ["MLA"]
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention. Returns ``[b, t, d]``.
+
+    With a ``cache`` (inference) the new tokens' entries are written to the ``"cache"`` collection and
+    attention runs over every cached slot up to each query's position. ``kind="latent"`` is the
+    absorbed path (DeepSeek-V2 §2.1.4, "low-rank key-value joint compression")::
+
+        q_lat[b,t,n,c] = q_nope[b,t,n,p] · W_UK[c,n,p]                 (W_UK = Wkv_b[..., :p])
+        score = scale * (q_lat · c_kv[b,s,c] + q_rope · k_rope[b,s,r])  against the latent cache
+        o[b,t,n,v] = (softmax(score) · c_kv[b,s,c]) · W_UV[c,n,v]       (W_UV = Wkv_b[..., p:])
+
+    equal to the naive path in real arithmetic; the per-head keys and values are never formed.
+    """
+
+    cfg: ModelConfig
+    cache: CacheConfig | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        c = self.cfg
+        a, pd, dt, std = c.attention, jnp.dtype(c.param_dtype), x.dtype, c.init_std
+        n, p, r, vd, kc = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+        if a.q_lora_rank:
+            wq_a = param(self, "wq_a", (c.d_model, a.q_lora_rank), ("embed", "q_lora"), std, pd)
+            wq_b = param(self, "wq_b", (a.q_lora_rank, n, p + r), ("q_lora", "heads", "qk_head"), std, pd)
+            cq = RMSNorm(a.q_lora_rank, c.rms_norm_eps, pd, name="q_norm")(checkpoint_name(linear(x, wq_a, fp8=c.fp8), "c_q"))
+            q = linear(cq, wq_b, fp8=c.fp8)
+        else:
+            wq = param(self, "wq", (c.d_model, n, p + r), ("embed", "heads", "qk_head"), std, pd)
+            q = linear(x, wq, fp8=c.fp8)
+        q = constrain(q, *HEADS)
+        q_nope, q_rope = q[..., :p], apply_rope(q[..., p:], positions, c.rope)
+
+        wkv_a = param(self, "wkv_a", (c.d_model, kc + r), ("embed", "kv_lora"), std, pd)
+        kv = checkpoint_name(linear(x, wkv_a, fp8=c.fp8), "c_kv")  # latent + rope key: kept by the 'deepseek' remat policy
+        c_kv = RMSNorm(kc, c.rms_norm_eps, pd, name="kv_norm")(kv[..., :kc])
+        k_rope = apply_rope(kv[..., kc:], positions, c.rope)  # [b, s, r], shared by all heads
+        wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_lora", "heads", "kv_head"), std, pd)
+        wo = param(self, "wo", (n, vd, c.d_model), ("heads", "v_head", "embed"), std, pd, n_in=2)
+        if self.cache is not None and self.cache.kind == "latent":
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, wkv_b, positions)
+            return linear(out, wo, n_in=2, fp8=c.fp8)
+        kvb = constrain(linear(c_kv, wkv_b, fp8=c.fp8), *HEADS)
+        k_nope, v = kvb[..., :p], kvb[..., p:]
+        if self.cache is not None:  # naive cache: the expanded per-head keys (rope part shared) and values
+            k = cache_update(self, "k", jnp.concatenate(
+                [k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + (r,))], -1), positions, self.cache)
+            v = cache_update(self, "v", v, positions, self.cache)
+            k_nope, k_rope_h = k[..., :p], k[..., p:]
+            scores = (jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope)
+                      + jnp.einsum("btnr,bsnr->bnts", q_rope, k_rope_h))
+            mask = cached_mask(positions, self.cache.size)
+        else:
+            scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
+            mask = attention_mask(segment_ids)
+        probs = masked_softmax(scores * c.softmax_scale, mask, dt)
+        out = checkpoint_name(constrain(jnp.einsum("bnts,bsnv->btnv", probs, v), *HEADS), "attn_out")
+        return linear(out, wo, n_in=2, fp8=c.fp8)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, wkv_b, positions):
+        """Attention against the latent cache ``[c_kv | k_rope]`` with ``W_UK``/``W_UV`` absorbed: ``[b, t, n, v]``."""
+        c = self.cfg
+        p, kc = c.attention.qk_nope_head_dim, c.attention.kv_lora_rank
+        latent = cache_update(self, "kv", jnp.concatenate([c_kv, k_rope], -1), positions, self.cache)
+        ckv, kpe = latent[..., :kc], latent[..., kc:]  # [b, S, c], [b, S, r]
+        w = wkv_b.astype(q_nope.dtype)
+        q_lat = jnp.einsum("btnp,cnp->btnc", q_nope, w[..., :p])
+        scores = jnp.einsum("btnc,bsc->bnts", q_lat, ckv) + jnp.einsum("btnr,bsr->bnts", q_rope, kpe)
+        probs = masked_softmax(scores * c.softmax_scale, cached_mask(positions, self.cache.size), q_nope.dtype)
+        o_lat = jnp.einsum("bnts,bsc->btnc", probs, ckv)
+        return constrain(jnp.einsum("btnc,cnv->btnv", o_lat, w[..., p:]), *HEADS)

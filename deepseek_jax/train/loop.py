@@ -1,0 +1,173 @@
+"""The loop behind ``deepseek-jax train``: prepare data, build the step, resume, run the hooks, finish.
+
+Around the step (:mod:`deepseek_jax.train.step`) the hooks (:mod:`deepseek_jax.train.hooks`) keep the
+metrics (``metrics.jsonl``, TensorBoard), the progress bar (loss, lr, tokens/s, MFU, MaxVio), the host
+EMA, periodic validation and async Orbax checkpoints (the last N, resumed automatically from the newest
+readable one); SIGINT/SIGTERM save and exit cleanly; a non-finite loss stops naming the step; a text
+sample from the decode engine ends the run.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+
+from deepseek_jax.analysis.params import flops_per_token, peak_flops
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.infer.engine import generate
+from deepseek_jax.nn import tree
+from deepseek_jax.nn.placement import check_layout
+from deepseek_jax.train import hooks as H
+from deepseek_jax.train.config import StepConfig, TrainConfig, scheduled
+from deepseek_jax.train.data import Batches, PreparedData, eos_id, prepare_data
+from deepseek_jax.train.objectives import Objective, Pretrain
+from deepseek_jax.train.optim import HostEMA
+from deepseek_jax.train.run_dir import Checkpoints, RunDir
+from deepseek_jax.train.step import TrainFns, global_batch, hyper, local_rows, make_train_fns, mesh_for
+
+__all__ = ["train", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss; the message names the step and the last good checkpoint."""
+
+
+def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
+          on_step: Callable[[int, dict], None] | None = None, objective: Objective | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary dict. See the module docstring.
+
+    Raises ``ValueError`` before compiling for bad input (corpus, output folder, config, mesh) and
+    :class:`TrainingDiverged` on a non-finite loss. ``on_step(step, record)`` is called after every step.
+    ``objective`` defaults to :class:`~deepseek_jax.train.objectives.Pretrain` with the run's weights.
+    """
+    run, data, fns = _setup(cfg, tcfg, objective or Pretrain(tcfg.balance_alpha, tcfg.z_loss))
+    rows = local_rows(fns.batch_sharding, (tcfg.batch_size, tcfg.seq_len))
+    batches = Batches(data.train, tcfg.batch_size, tcfg.seed, local_rows=rows)
+    state, ema, ckpts, start = _resume(run, tcfg, fns, batches)
+    metrics = H.MetricsHook(run, tcfg.log_every, tcfg.steps)
+    bar = H.ProgressHook(progress, tcfg.steps, start)
+    val = H.ValidationHook(fns, H.eval_rows(data.val, tcfg.batch_size, tcfg.eval_batches), rows, tcfg.batch_size,
+                           tcfg.eval_every, tcfg.steps, metrics, bar)
+    saver = H.CheckpointHook(ckpts, batches, ema, tcfg.checkpoint_every, tcfg.steps, start if start else None)
+    hooks = ([H.EMAHook(ema)] if ema else []) + [metrics, bar] + ([H.CallbackHook(on_step)] if on_step else [])
+    hooks += [val, saver]
+    fpt, (peak, peak_src) = flops_per_token(cfg, tcfg.seq_len), peak_flops(tcfg.peak_flops)
+    summary: dict[str, Any] = {"out": str(run.path), "start_step": start, "data": data.stats, "peak_flops": peak,
+                               "peak_source": peak_src, "flops_per_token": fpt}
+    step, t_last = start, time.perf_counter()
+    with H.StopOnSignal() as stop:
+        while step < tcfg.steps:
+            lam, gamma = scheduled(tcfg.mtp_lambda, step), scheduled(tcfg.bias_gamma, step)
+            batch = global_batch(next(batches), fns.batch_sharding, tcfg.batch_size)
+            state, m = fns.step(state, batch, hyper(lam, gamma))
+            m = jax.device_get(m)
+            step, now = step + 1, time.perf_counter()
+            rec = H.step_record(step, m, now - t_last, tcfg.batch_size * tcfg.seq_len, fpt, peak,
+                                {"mtp_lambda": lam, "bias_gamma": gamma})
+            t_last = now
+            if not math.isfinite(rec["loss"]):
+                _diverged(rec["loss"], step, saver, bar, run)
+            for h in hooks:
+                h.after_step(step, state, rec)
+            if stop.signal is not None:
+                summary["stopped_by"] = _stop(stop.signal, step, state, saver, bar, run)
+                break
+            summary.update(last_loss=rec["loss"], last_ce=rec.get("ce"))
+    for h in reversed(hooks):
+        h.close()
+    return _finish(cfg, tcfg, summary, start, step, state, val, data)
+
+
+def _setup(cfg: ModelConfig, tcfg: TrainConfig, objective: Objective) -> tuple[RunDir, PreparedData, TrainFns]:
+    """Everything that can fail on bad input, before anything compiles; then the data and the step."""
+    run = RunDir(tcfg.out)
+    run.check(cfg)
+    if tcfg.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"train.seq_len={tcfg.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    mesh = mesh_for(tcfg.mesh)
+    check_layout(cfg, mesh, global_batch=tcfg.batch_size)
+    if cfg.eos_token_id is not None and cfg.eos_token_id != 0 and not tcfg.data.tokenizer:
+        H.log(f"note: the trained tokenizer's EOS id is 0 (config eos_token_id={cfg.eos_token_id} is ignored)")
+    t0 = time.perf_counter()
+    data = prepare_data(tcfg.data, cfg.vocab_size, tcfg.seq_len, tcfg.seed)
+    s = data.stats
+    H.log(f"data: {s['documents']} documents, {s['exact_duplicates']} exact and {s['near_duplicates']} near "
+          f"duplicates removed; train {s['train_documents']} docs / {s['train_tokens']:,} tokens "
+          f"({len(data.train['tokens'])} rows), val {s['val_documents']} docs / {s['val_tokens']:,} tokens; "
+          f"unigram entropy {s['unigram_entropy']:.3f} nats ({time.perf_counter() - t0:.1f} s)")
+    if jax.process_index() == 0:
+        run.write_setup(cfg, tcfg, data.tokenizer)
+    return run, data, make_train_fns(cfg, StepConfig.from_train(tcfg), objective, mesh)
+
+
+def _resume(run: RunDir, tcfg: TrainConfig, fns: TrainFns, batches: Batches):
+    """A fresh state, or the newest readable checkpoint's: ``(state, ema, checkpoints, start step)``."""
+    state = fns.init(jax.random.key(tcfg.seed))
+    ema = HostEMA(H.to_host(state[tree.PARAMS]), tcfg.optim.ema_decay) if tcfg.optim.ema_decay else None
+    ckpts = Checkpoints(run, tcfg.keep_checkpoints)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = ckpts.restore_newest(abstract, ema.value() if ema else None, H.log)
+    start = 0
+    if restored is not None:
+        start, state, meta, ema_tree = restored
+        batches.restore(meta["data"])
+        if ema is not None and ema_tree is not None:
+            ema.load(ema_tree)
+        H.log(f"resumed from the checkpoint at step {start}")
+    if jax.process_index() == 0:
+        run.truncate_metrics(start)  # records past the resumed step (a crash after the last save) are redone
+    return state, ema, ckpts, start
+
+
+def _diverged(loss: float, step: int, saver: H.CheckpointHook, bar: H.ProgressHook, run: RunDir) -> None:
+    saver.ckpts.wait()
+    where = (f"the last good checkpoint is step {saver.last_good}" if saver.last_good is not None
+             else "no checkpoint was written")
+    bar.close()
+    saver.close()
+    raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; stopped without saving; {where} "
+                           f"in {run.checkpoints}")
+
+
+def _stop(signum: int, step: int, state: Any, saver: H.CheckpointHook, bar: H.ProgressHook, run: RunDir) -> str:
+    """A signal arrived: save this step (unless just saved), wait for the write, say so."""
+    if saver.last_good != step:
+        saver.save(step, state)
+    saver.ckpts.wait()
+    name = signal.Signals(signum).name
+    bar.close()
+    H.log(f"{name}: saved the checkpoint at step {step} in {run.checkpoints}; exiting (rerun to resume)")
+    return name
+
+
+def _finish(cfg: ModelConfig, tcfg: TrainConfig, summary: dict, start: int, step: int, state: Any,
+            val: H.ValidationHook, data: PreparedData) -> dict:
+    val_loss = val.val_loss
+    if start >= tcfg.steps:
+        H.log(f"the run in {summary['out']} is already complete ({start} of {tcfg.steps} steps); "
+              "raise train.steps to go on")
+        val_loss = val.validate(state)
+    entropy = data.stats["unigram_entropy"]
+    summary.update(step=step, val_loss=val_loss, unigram_entropy=entropy)
+    if "stopped_by" in summary or step < tcfg.steps:
+        return summary
+    if val_loss is not None:
+        H.log(f"final validation loss {val_loss:.4f} nats vs unigram entropy {entropy:.4f} nats")
+    if tcfg.sample_tokens and jax.process_count() == 1:
+        summary["sample"] = _sample(cfg, tcfg, state, data.tokenizer)
+        H.log("sample:\n" + summary["sample"])
+    return summary
+
+
+def _sample(cfg: ModelConfig, tcfg: TrainConfig, state: Any, tokenizer) -> str:
+    """``sample_tokens`` sampled (temperature 0.8) after ``sample_prompt`` by the decode engine."""
+    ids = tokenizer.encode(tcfg.sample_prompt).ids or [eos_id(tokenizer)]
+    room = cfg.max_position_embeddings - len(ids)
+    variables = jax.device_get({tree.PARAMS: state[tree.PARAMS], tree.ROUTER: state[tree.ROUTER]})
+    new = generate(cfg, variables, [ids], max(1, min(tcfg.sample_tokens, room)), temperature=0.8, seed=tcfg.seed,
+                   eos_id=eos_id(tokenizer))[0]
+    return tokenizer.decode(ids + new)

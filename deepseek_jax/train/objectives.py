@@ -1,0 +1,99 @@
+"""Training objectives: functions of the model's outputs and the batch -> ``(loss, metrics)``.
+
+An objective is called inside the jitted step (:mod:`deepseek_jax.train.step`) as
+``objective(out, intermediates, batch, hyper)``: ``out`` the :class:`~deepseek_jax.nn.transformer.ModelOutput`,
+``intermediates`` what the layers sowed (the MoE balance terms, dropped rows), ``batch`` the dict of
+``[b, t]`` arrays (``tokens``, ``segment_ids``, ``positions``, ...), ``hyper`` the per-step scalars
+(``mtp_lambda``, ``bias_gamma``, ...). It returns the scalar loss and a dict of scalar metrics. Objectives
+are frozen dataclasses, so equal objectives share one compiled step.
+
+:class:`Pretrain` is DeepSeek-V3's pre-training loss::
+
+    loss = CE(main) + lambda/D * sum_k CE(MTP depth k) + alpha * sum_layers L_Bal + z * mean(lse^2)
+
+Targets never cross documents: the target of position i at distance k is token i+k when it lies in the
+same packed document (same ``segment_id``), else the term is masked (padding has segment id 0).
+
+:func:`cross_entropy` stays sharded: with the head split over ``tensor`` (``logits[B_batch, T, V_tensor]``),
+``log-sum-exp`` reduces over the local vocabulary slice and all-reduces one number per token; the label's
+logit is picked with a comparison against a vocabulary iota, so the full ``[b, t, v]`` logits are never
+gathered on one device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.nn import tree
+from deepseek_jax.nn.transformer import ModelOutput
+from deepseek_jax.parallel.rules import constrain
+
+__all__ = ["Objective", "cross_entropy", "shifted_targets", "Pretrain"]
+
+Objective = Callable[[ModelOutput, Any, dict, dict], tuple[jax.Array, dict]]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean token negative log-likelihood and the token count.
+
+    ``logits [b, t, v]`` (any float dtype; computed in float32), ``labels [b, t]`` int, ``mask [b, t]``
+    (1 = counts; default all). Returns ``(loss, n_tokens)``.
+    """
+    logits = constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    label_logit = jnp.sum(jnp.where(vocab == labels[..., None], logits, 0.0), axis=-1)
+    nll = lse - label_logit
+    mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+    n = mask.sum()
+    return jnp.sum(nll * mask) / jnp.maximum(n, 1.0), n
+
+
+def shifted_targets(tokens: jax.Array, segment_ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Targets at distance ``k`` (``tokens[:, i + k]``) and their mask: same document, not padding."""
+    tgt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+    seg = jnp.pad(segment_ids[:, k:], ((0, 0), (0, k)))
+    return tgt, (seg == segment_ids) & (segment_ids > 0)
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    """Next-token cross-entropy, the MTP losses (weight ``hyper["mtp_lambda"]`` over the depth), the
+    sequence-wise balance loss (``balance_alpha``) and an optional z-loss (``z_loss``).
+
+    Metrics: ``ce``, ``tokens`` (counted targets), ``mtp [D]``, ``balance``, ``z``, ``dropped_rows`` where present.
+    """
+
+    balance_alpha: float = 1e-4
+    z_loss: float = 0.0
+
+    def __call__(self, out: ModelOutput, intermediates: Any, batch: dict, hyper: dict) -> tuple[jax.Array, dict]:
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        tgt, mask = shifted_targets(tokens, seg, 1)
+        ce, n = cross_entropy(out.logits, tgt, mask)
+        total, aux = ce, {"ce": ce, "tokens": n}
+        if out.mtp_logits is not None:
+            depth = out.mtp_logits.shape[0]
+            terms = []
+            for j in range(depth):
+                t_j, m_j = shifted_targets(tokens, seg, j + 2)
+                terms.append(cross_entropy(out.mtp_logits[j], t_j, m_j)[0])
+            aux["mtp"] = jnp.stack(terms)
+            total = total + hyper["mtp_lambda"] / depth * sum(terms)
+        bal = tree.collect(intermediates, tree.BALANCE)
+        if bal:
+            aux["balance"] = sum(jnp.sum(b) for b in bal)
+            total = total + self.balance_alpha * aux["balance"]
+        if self.z_loss:
+            lse = jax.nn.logsumexp(out.logits, axis=-1)
+            m = mask.astype(jnp.float32)
+            aux["z"] = jnp.sum(lse * lse * m) / jnp.maximum(m.sum(), 1.0)
+            total = total + self.z_loss * aux["z"]
+        dropped = tree.collect(intermediates, tree.DROPPED_ROWS)
+        if dropped:
+            aux["dropped_rows"] = sum(jnp.sum(d) for d in dropped)
+        return total, aux

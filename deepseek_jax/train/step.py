@@ -1,0 +1,160 @@
+"""The jitted train step: ``make_train_fns(cfg, step_cfg, objective, mesh)``.
+
+One step (pure, jitted with explicit shardings, the state donated)::
+
+    out, sown = Transformer(cfg, remat).apply({params, router}, tokens, positions, segment_ids)
+    loss, metrics = objective(out, sown, batch, hyper)           e.g. objectives.Pretrain
+    params <- AdamW(clip(grad loss))                              (optim.py)
+    bias   <- bias + gamma * sign(mean(load) - load)              per MoE layer, loads over the GLOBAL batch
+
+``hyper`` holds the per-step scalars (``mtp_lambda``, ``bias_gamma``, ...), passed as float32 arrays so
+their schedules never recompile the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.nn import tree
+from deepseek_jax.nn.placement import check_layout, init_unboxed, param_shardings
+from deepseek_jax.nn.transformer import Transformer
+from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
+from deepseek_jax.parallel.rules import batch_spec
+from deepseek_jax.train.balance import max_violation, update_router_bias
+from deepseek_jax.train.config import StepConfig
+from deepseek_jax.train.objectives import Objective, cross_entropy, shifted_targets
+from deepseek_jax.train.optim import make_optimizer
+
+__all__ = ["TrainFns", "make_train_fns", "objective_loss", "mesh_for", "global_batch", "local_rows", "hyper"]
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+
+
+@dataclass(frozen=True)
+class TrainFns:
+    init: Callable  # rng -> state {params, router, opt_state, step}
+    step: Callable  # (state, batch, hyper) -> (state, metrics)
+    eval: Callable  # (params, router, batch) -> (nll_sum, count) of the main next-token loss
+    batch_sharding: NamedSharding
+
+
+def mesh_for(mesh_text: str) -> Mesh:
+    """The mesh of ``train.mesh`` (every device), or ``data`` over every device when it is empty."""
+    n = jax.device_count()
+    if not mesh_text:
+        return make_mesh({"data": n})
+    axes = parse_mesh(mesh_text)
+    if mesh_size(axes) != n:
+        raise ValueError(f"train.mesh={mesh_text!r} has {mesh_size(axes)} devices but {n} are available "
+                         "(the mesh must use every device)")
+    return make_mesh(axes)
+
+
+def hyper(mtp_lambda: float, bias_gamma: float) -> dict[str, np.float32]:
+    """The per-step scalars of the step, as float32 (one compilation for every value)."""
+    return {"mtp_lambda": np.float32(mtp_lambda), "bias_gamma": np.float32(bias_gamma)}
+
+
+def objective_loss(cfg: ModelConfig, remat: str, objective: Objective, params: Any, router: Any, batch: dict,
+                   hyper: dict) -> tuple[jax.Array, dict]:
+    """Forward pass and ``objective``: ``(loss, metrics)``, with ``metrics["expert_load"]`` (or None)."""
+    variables = {tree.PARAMS: params} | ({tree.ROUTER: router} if router else {})
+    out, sown = Transformer(cfg, remat=remat).apply(variables, batch["tokens"], positions=batch["positions"],
+                                                     segment_ids=batch["segment_ids"], mutable=[tree.INTERMEDIATES])
+    loss, metrics = objective(out, sown, batch, hyper)
+    return loss, {**metrics, "expert_load": out.expert_load}
+
+
+def make_train_fns(cfg: ModelConfig, step_cfg: StepConfig, objective: Objective, mesh: Mesh) -> TrainFns:
+    """Init, train-step and eval functions, jitted with explicit shardings (cached per argument set)."""
+    check_layout(cfg, mesh, global_batch=step_cfg.batch_size)
+    return _make_train_fns(cfg, step_cfg, objective, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh: Mesh) -> TrainFns:
+    tx, schedule = make_optimizer(sc.optim, sc.steps)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sh = NamedSharding(mesh, batch_spec(2))
+
+    def init(rng):
+        v = init_unboxed(cfg, rng, mesh)
+        return {tree.PARAMS: v[tree.PARAMS], tree.ROUTER: v.get(tree.ROUTER, {}),
+                "opt_state": tx.init(v[tree.PARAMS]), "step": jnp.zeros([], jnp.int32)}
+
+    state_sh = _state_shardings(cfg, mesh, tx, init, replicated)
+
+    def step(state, batch, hyper):
+        params, router = state[tree.PARAMS], state[tree.ROUTER]
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: objective_loss(cfg, sc.remat, objective, p, router, batch, hyper), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        load = aux.pop("expert_load")
+        metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        if load is not None:
+            metrics.update(maxvio=max_violation(load), expert_load=load)
+            if router:
+                router = update_router_bias(router, load, hyper["bias_gamma"], sc.bias_center)
+        return {tree.PARAMS: optax.apply_updates(params, updates), tree.ROUTER: router, "opt_state": opt_state,
+                "step": state["step"] + 1}, metrics
+
+    def evaluate(params, router, batch):
+        variables = {tree.PARAMS: params} | ({tree.ROUTER: router} if router else {})
+        out = Transformer(cfg).apply(variables, batch["tokens"], positions=batch["positions"],
+                                     segment_ids=batch["segment_ids"])
+        tgt, mask = shifted_targets(batch["tokens"], batch["segment_ids"], 1)
+        loss, n = cross_entropy(out.logits, tgt, mask)
+        return loss * n, n
+
+    batch_shs = dict.fromkeys(BATCH_KEYS, batch_sh)
+    jit_step = jax.jit(step, in_shardings=(state_sh, batch_shs, None), out_shardings=(state_sh, None),
+                       donate_argnums=(0,))
+    jit_eval = jax.jit(evaluate, in_shardings=(state_sh[tree.PARAMS], state_sh[tree.ROUTER], batch_shs))
+    wrap = functools.partial(_in_mesh, mesh)
+    return TrainFns(init=wrap(jax.jit(init, out_shardings=state_sh)), step=wrap(jit_step), eval=wrap(jit_eval),
+                    batch_sharding=batch_sh)
+
+
+def _state_shardings(cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation, init: Callable,
+                     replicated: NamedSharding) -> dict:
+    """Parameters and router by the rules table; optimiser moments like their parameters; counters replicated."""
+    var_sh = param_shardings(cfg, mesh)
+    with jax.set_mesh(mesh):
+        abstract = jax.eval_shape(init, jax.random.key(0))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], var_sh[tree.PARAMS],
+                                   transform_non_params=lambda _: replicated)
+    return {tree.PARAMS: var_sh[tree.PARAMS], tree.ROUTER: var_sh.get(tree.ROUTER, {}), "opt_state": opt_sh,
+            "step": replicated}
+
+
+def _in_mesh(mesh: Mesh, f: Callable) -> Callable:
+    """``f`` called inside ``jax.set_mesh(mesh)`` (the layers' sharding constraints read the ambient mesh)."""
+    if mesh.size == 1:
+        return f
+
+    @functools.wraps(f)
+    def g(*a):
+        with jax.set_mesh(mesh):
+            return f(*a)
+    return g
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int) -> dict[str, jax.Array]:
+    """Assemble the global batch from each process's rows (``jax.make_array_from_process_local_data``)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
+            for k, v in local.items()}
+
+
+def local_rows(sharding: NamedSharding, shape: tuple[int, int]) -> list[int]:
+    """The global batch rows this process holds under ``sharding``."""
+    return sorted({i for idx in sharding.addressable_devices_indices_map(shape).values()
+                   for i in range(*idx[0].indices(shape[0]))})
