@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.kernels import fp8
-from references import e4m3_round, fp8_quantize_reference
+from references import fp8_quantize_reference
 
 
 def _adversarial() -> np.ndarray:
