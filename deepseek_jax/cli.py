@@ -20,7 +20,8 @@ from deepseek_jax.infer.engine import generate
 from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
 from deepseek_jax.train.config import load_run_config
 from deepseek_jax.train.loop import TrainingDiverged, train
-from deepseek_jax.train.run_dir import load_run
+from deepseek_jax.train.lock import RunLocked
+from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, load_run
 
 __all__ = ["main"]
 
@@ -31,6 +32,21 @@ def _fake_cpu_devices(n: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _log(msg: str) -> None:
+    print(f"deepseek-jax: {msg}", file=sys.stderr)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -80,16 +96,17 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"train.out={args.out}")
     if args.mesh is not None:
         overrides.append(f"train.mesh={args.mesh}")
+    cfg, tcfg = load_run_config(args.config, overrides)  # the mesh may come from the YAML or an override
+    devices = mesh_size(tcfg.mesh) if tcfg.mesh else 0
     if args.num_processes > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-        if args.mesh:
-            _fake_cpu_devices(mesh_size(args.mesh) // max(args.num_processes, 1))
+        if devices:
+            _fake_cpu_devices(devices // max(args.num_processes, 1))
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    elif args.mesh:
-        _fake_cpu_devices(mesh_size(args.mesh))
-    cfg, tcfg = load_run_config(args.config, overrides)
+    elif devices:
+        _fake_cpu_devices(devices)
     try:
         summary = train(cfg, tcfg, progress=not args.no_progress)
     except TrainingDiverged as e:
@@ -101,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    cfg, variables, tok = load_run(args.checkpoint)
+    cfg, variables, tok = load_run(args.checkpoint, log=_log)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json beside the checkpoint; cannot encode the prompt")
     ids = tok.encode(args.prompt).ids
@@ -144,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--hf", help="a Hugging Face checkpoint directory or config.json")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--mesh", help="report a layout, e.g. data=2,expert=2,tensor=2 (fakes CPU devices if needed)")
-    p.add_argument("--batch", type=int, default=8, help="global batch of the step analysed with --mesh")
-    p.add_argument("--seq", type=int, default=128, help="sequence length of the step analysed with --mesh")
+    p.add_argument("--batch", type=_positive, default=8, help="global batch of the step analysed with --mesh")
+    p.add_argument("--seq", type=_positive, default=128, help="sequence length of the step analysed with --mesh")
     p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the step")
     p.set_defaults(fn=_info)
 
@@ -166,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--checkpoint", required=True,
                    help="a `deepseek-jax train` run folder (e.g. runs/tiny) or a Hugging Face checkpoint directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_positive, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunLocked, CheckpointWriteError, CheckpointCorrupt) as e:
         print(f"deepseek-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

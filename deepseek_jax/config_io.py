@@ -36,11 +36,22 @@ def from_dict(cls: type, d: Any, where: str = "") -> Any:
     for k, v in d.items():
         sub = _dataclass_in(hints[k])
         recurse = sub is not None and v is not None and not isinstance(v, bool)  # ``fp8: true`` is allowed
-        kwargs[k] = from_dict(sub, v, f"{where}{k}.") if recurse else v
+        kwargs[k] = from_dict(sub, v, f"{where}{k}.") if recurse else _number(hints[k], v, f"{where}{k}")
     try:
         return cls(**kwargs)
     except TypeError as e:  # missing required fields
         raise ValueError(f"{where or 'config'}: {e}") from None
+
+
+def _number(tp: Any, v: Any, name: str) -> Any:
+    """A float field given as text (PyYAML reads ``1e-6`` without a dot as a string) becomes the number;
+    text that is no number, for a numeric field, is an error naming the field."""
+    if not isinstance(v, str) or tp not in (float, int, float | None, int | None):
+        return v
+    try:
+        return float(v) if tp in (float, float | None) else int(v)
+    except ValueError:
+        raise ValueError(f"{name}={v!r} must be a number") from None
 
 
 def _dataclass_in(tp: Any) -> type | None:

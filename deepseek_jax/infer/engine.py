@@ -134,6 +134,11 @@ def _cache_size(cfg: ModelConfig, width: int, max_new_tokens: int, speculative: 
     """Cache positions for prompts of ``width`` tokens: the longest prompt plus ``max_new_tokens`` (+1 for the
     speculative draft), rounded up to a multiple of 128 so that repeated calls reuse the compiled steps."""
     need = width + max_new_tokens + (1 if speculative else 0)
+    if need > cfg.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({width} tokens) plus max_new_tokens={max_new_tokens}"
+                         f"{' plus the speculative draft' if speculative else ''} is {need} positions, past the "
+                         f"model's limit max_position_embeddings={cfg.max_position_embeddings}"
+                         f"{' (with YaRN)' if cfg.rope.yarn else ''}; lower max_new_tokens or shorten the prompt")
     size = max_len if max_len is not None else -(-need // 128) * 128  # buckets: fewer recompilations
     if size < need:
         raise ValueError(f"the longest prompt ({width} tokens) plus max_new_tokens={max_new_tokens}"

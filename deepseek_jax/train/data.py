@@ -2,10 +2,13 @@
 
 Pipeline (``prepare_data``)::
 
-    sources (files, folders, globs, JSONL)  ->  documents (one per file, or per JSONL record)
+    sources (files, folders, globs, JSONL)  ->  documents (one per file, or per JSONL record), read in
+         blocks; binary files and non-string JSONL texts skipped (counted); documents longer than
+         ``max_document_chars`` split into chunks (at a line break where possible)
       -> exact dedup (sha256 of the stripped text) -> near-dup removal (MinHash LSH, ``datasketch``)
       -> train / validation split by document (seeded)
-      -> byte-level BPE (``tokenizers``, trained on the train split and cached) or a given tokenizer.json
+      -> byte-level BPE (``tokenizers``, trained on <= ``tokenizer_sample_chars`` of the train split, cached)
+         or a given tokenizer.json; documents encoded a batch at a time into one int32 stream
       -> packing into rows [N, t]: documents joined with EOS, cut into rows of t tokens;
          ``segment_ids`` number the document fragments of a row (1, 2, ...; 0 = padding) and
          ``positions`` restart at 0 at every fragment, so attention and RoPE never cross documents.
@@ -16,26 +19,30 @@ standard library (~170 files, ~4.7 MB of code, docstrings and comments).
 :class:`Batches` yields global batches in a seeded order that is a pure function of
 ``(seed, epoch, index)``; its ``state()`` goes into checkpoints, and each process slices out only its
 rows of the global batch.
+
+Memory: no stage holds more than one document's working set at once, and documents are at most
+``max_document_chars`` long, so the peak is linear in the corpus and independent of how its text is cut
+into documents: about 0.5 GB + 30 bytes per token (the text, 4 bytes per token of ids, 12 of packed rows
+and packing temporaries). Measured: 4.2 GB peak RSS for one 200 MB document plus a 20 MB line of letters
+(160M tokens, 250 s on 2 cores; ``tests/test_reliability.py``), where a 50 MB document took 10.7 GB before.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
+from deepseek_jax.train.corpus import chunk_text, default_corpus, read_documents
+
 __all__ = ["DataConfig", "default_corpus", "read_documents", "deduplicate", "split_documents", "train_tokenizer",
-           "load_tokenizer", "pack_documents", "Batches", "unigram_entropy", "prepare_data", "PreparedData", "EOS"]
+           "load_tokenizer", "chunk_text", "encode_documents", "pack_documents", "Batches", "unigram_entropy", "prepare_data", "PreparedData", "EOS"]
 
 EOS = "<|endoftext|>"
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,11 @@ class DataConfig:
       tokenizer: a ``tokenizer.json`` (e.g. from a Hugging Face checkpoint); empty = train a byte-level
         BPE of the model's ``vocab_size`` on the train split (cached).
       max_documents: keep the first N documents (0 = all), for quick runs.
+      max_document_chars: documents longer than this are split into chunks of at most this many
+        characters (at the last line break, else the last space, before the limit), which then count as
+        documents; this bounds the memory and time of deduplication, tokenizer training and encoding.
+      tokenizer_sample_chars: the BPE is trained on at most this many characters of the train split
+        (evenly spaced documents; all of it when smaller).
     """
 
     sources: tuple[str, ...] = ()
@@ -59,6 +71,8 @@ class DataConfig:
     near_dup_threshold: float = 0.8
     tokenizer: str = ""
     max_documents: int = 0
+    max_document_chars: int = 1_000_000
+    tokenizer_sample_chars: int = 16_000_000
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources or ()))
@@ -68,46 +82,9 @@ class DataConfig:
             raise ValueError(f"data.near_dup_threshold={self.near_dup_threshold!r} must be in (0, 1]")
         if self.max_documents < 0:
             raise ValueError(f"data.max_documents={self.max_documents!r} must be >= 0 (0 = all)")
-
-
-def default_corpus() -> list[Path]:
-    """The top-level ``*.py`` modules of this Python's standard library, sorted by name."""
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-
-
-def _expand(source: str) -> list[Path]:
-    p = Path(source).expanduser()
-    if p.is_dir():
-        return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in TEXT_SUFFIXES)
-    if p.is_file():
-        return [p]
-    matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
-    if not matches:
-        raise FileNotFoundError(f"data.sources: {source!r} is not a file, a folder or a glob that matches files")
-    return matches
-
-
-def read_documents(sources: Iterable[str] = (), text_field: str = "text") -> list[str]:
-    """Documents from ``sources`` (see :class:`DataConfig`); the default corpus when empty."""
-    paths = [q for s in sources for q in _expand(s)] if sources else default_corpus()
-    docs: list[str] = []
-    for path in paths:
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                    if text_field not in rec:
-                        raise ValueError(f"{path}:{i}: record has no {text_field!r} field (data.text_field); "
-                                         f"its keys are {sorted(rec)}")
-                    docs.append(str(rec[text_field]))
-        else:
-            docs.append(path.read_text(encoding="utf-8", errors="replace"))
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ValueError(f"data.sources={list(sources)!r}: the corpus is empty (no non-blank documents)")
-    return docs
+        for name in ("max_document_chars", "tokenizer_sample_chars"):
+            if getattr(self, name) < 1000:
+                raise ValueError(f"data.{name}={getattr(self, name)!r} must be >= 1000")
 
 
 def _shingles(text: str, n: int = 5) -> set[bytes]:
@@ -160,16 +137,27 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DEEPSEEK_JAX_CACHE", Path.home() / ".cache" / "deepseek_jax"))
 
 
-def train_tokenizer(docs: list[str], vocab_size: int, cache: bool = True):
-    """A byte-level BPE (``tokenizers``) with ``vocab_size`` entries, ``<|endoftext|>`` as id 0.
+def _sample(docs: list[str], max_chars: int) -> list[str]:
+    """Every k-th document, k chosen so that about ``max_chars`` characters remain (all when fewer)."""
+    total = sum(len(d) for d in docs)
+    return docs if total <= max_chars else docs[:: -(-total // max_chars)]
 
+
+def train_tokenizer(docs: list[str], vocab_size: int, cache: bool = True, sample_chars: int = 16_000_000):
+    """A byte-level BPE (``tokenizers``) with ``vocab_size`` entries, ``<|endoftext|>`` as id 0, trained on
+    at most ``sample_chars`` characters of ``docs`` (evenly spaced documents).
+
+    During training, pre-tokens (runs of letters, of punctuation, ...) longer than 256 characters are cut
+    (the trainer's time grows with the square of a pre-token's length: a 2 MB line of letters took over 5
+    minutes); no merge can be that long at these vocabulary sizes, so the result is the same BPE.
     Cached under ``$DEEPSEEK_JAX_CACHE`` (default ``~/.cache/deepseek_jax``) by a hash of the texts and size.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE (needs >= 258: 256 bytes, "
                          "EOS and at least one merge)")
+    docs = _sample(docs, sample_chars)
     h = hashlib.sha256(str(vocab_size).encode())
     for d in docs:
         h.update(hashlib.sha256(d.encode()).digest())
@@ -177,11 +165,13 @@ def train_tokenizer(docs: list[str], vocab_size: int, cache: bool = True):
     if cache and path.exists():
         return Tokenizer.from_file(str(path))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([byte_level, pre_tokenizers.Split(Regex(r"[\s\S]{1,256}"), "isolated")])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer, length=len(docs))
+    tok.pre_tokenizer = byte_level
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -199,7 +189,11 @@ def load_tokenizer(path: str | Path):
         p = p / "tokenizer.json"
     if not p.is_file():
         raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {str(path)!r}")
-    return Tokenizer.from_file(str(p))
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # noqa: BLE001 - the Rust library raises a bare Exception
+        raise ValueError(f"{p}: not a readable tokenizer.json ({e}); restore it or point data.tokenizer at "
+                         "another") from None
 
 
 def eos_id(tokenizer) -> int:
@@ -212,37 +206,77 @@ def eos_id(tokenizer) -> int:
     raise ValueError("the tokenizer has no end-of-document token (<|endoftext|>, </s>, ...); add one")
 
 
-def pack_documents(docs: list[np.ndarray], seq_len: int, eos: int) -> dict[str, np.ndarray]:
+def pack_documents(docs: list[np.ndarray], seq_len: int, eos: int, consume: bool = False) -> dict[str, np.ndarray]:
     """Pack token arrays into rows: ``{"tokens", "segment_ids", "positions"}``, each ``[N, seq_len]`` int32.
 
     Documents are joined with ``eos`` after each one and cut every ``seq_len`` tokens; a document cut
     at a row boundary continues in the next row as a new fragment (positions restart at 0). The last
-    row is padded with ``eos`` under segment id 0 (masked out of every loss).
+    row is padded with ``eos`` under segment id 0 (masked out of every loss). Works in int32, in place
+    (at most 9 bytes per token of temporaries besides the 12 of the result). ``consume=True`` empties the
+    list ``docs`` as it goes, freeing each array once copied.
     """
     if not docs:
         raise ValueError("nothing to pack: no documents")
-    lens = np.array([len(d) + 1 for d in docs])
-    stream = np.concatenate([np.append(np.asarray(d, np.int32), eos) for d in docs]).astype(np.int32)
-    doc = np.repeat(np.arange(len(docs)), lens)
-    n = -(-len(stream) // seq_len)
-    pad = n * seq_len - len(stream)
-    stream = np.concatenate([stream, np.full(pad, eos, np.int32)])
-    doc = np.concatenate([doc, np.full(pad, -1)])
-    idx = np.arange(n * seq_len)
-    start = (idx % seq_len == 0) | np.concatenate([[True], doc[1:] != doc[:-1]])  # a fragment begins
-    frag_start = np.maximum.accumulate(np.where(start, idx, 0))
-    positions = (idx - frag_start).astype(np.int32)
-    seg = np.cumsum(start.reshape(n, seq_len), axis=1).astype(np.int32)
-    seg[doc.reshape(n, seq_len) < 0] = 0
-    positions[doc < 0] = 0
+    lens = np.fromiter((len(d) + 1 for d in docs), np.int64, len(docs))
+    ends = np.cumsum(lens)
+    total = int(ends[-1])
+    n = -(-total // seq_len)
+    if n * seq_len >= 2**31:
+        raise ValueError(f"{total:,} tokens do not fit int32 positions; use fewer documents")
+    stream = np.full(n * seq_len, eos, np.int32)
+    for i, end in enumerate(ends):
+        d = docs[i]
+        stream[end - len(d) - 1: end - 1] = d
+        if consume:
+            docs[i] = None
+    if consume:
+        docs.clear()
+    start = np.zeros(n * seq_len, bool)  # a fragment begins: a row, a document, or the padding begins
+    start[::seq_len] = True
+    start[ends[:-1]] = True
+    start[0] = True
+    if total < n * seq_len:
+        start[total] = True
+    frag_start = np.arange(n * seq_len, dtype=np.int32)
+    frag_start *= start  # the index where a fragment begins, else 0; then carried forward
+    np.maximum.accumulate(frag_start, out=frag_start)
+    positions = np.arange(n * seq_len, dtype=np.int32)
+    positions -= frag_start
+    del frag_start
+    seg = np.cumsum(start.reshape(n, seq_len), axis=1, dtype=np.int32)
+    seg.reshape(-1)[total:] = 0
+    positions[total:] = 0
     return {"tokens": stream.reshape(n, seq_len), "segment_ids": seg, "positions": positions.reshape(n, seq_len)}
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     """Entropy (nats) of the token frequency distribution: the loss of the best context-free model."""
-    p = np.bincount(np.asarray(tokens).reshape(-1), minlength=vocab_size).astype(np.float64)
+    return _entropy(np.bincount(np.asarray(tokens).reshape(-1), minlength=vocab_size))
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts.astype(np.float64)
     p = p[p > 0] / p.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def encode_documents(tok, docs: list[str], vocab_size: int, batch_chars: int = 2_000_000) -> tuple[list[np.ndarray], np.ndarray]:
+    """``(ids per document (int32), token counts [vocab_size])``, encoding ``batch_chars`` at a time (a
+    ``tokenizers`` Encoding holds ~50 bytes per token; only one batch of them is alive)."""
+    out: list[np.ndarray] = []
+    counts = np.zeros(vocab_size, np.int64)
+    i = 0
+    while i < len(docs):
+        j, size = i, 0
+        while j < len(docs) and (j == i or size + len(docs[j]) <= batch_chars):
+            size += len(docs[j])
+            j += 1
+        for e in tok.encode_batch(docs[i:j]):
+            ids = np.asarray(e.ids, np.int32)
+            counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+            out.append(ids)
+        i = j
+    return out, counts
 
 
 class Batches:
@@ -306,28 +340,29 @@ class PreparedData:
 
 def prepare_data(cfg: DataConfig, vocab_size: int, seq_len: int, seed: int = 0) -> PreparedData:
     """Read, deduplicate, split, tokenise and pack (see the module docstring). Fails fast on bad input."""
-    docs = read_documents(cfg.sources, cfg.text_field)
+    read: dict[str, int] = {}
+    docs = read_documents(cfg.sources, cfg.text_field, cfg.max_document_chars, read)
     if cfg.max_documents:
         docs = docs[: cfg.max_documents]
-    stats: dict[str, Any] = {"documents": len(docs), "exact_duplicates": 0, "near_duplicates": 0}
+    stats: dict[str, Any] = {"documents": len(docs), "exact_duplicates": 0, "near_duplicates": 0, **read}
     if cfg.dedup:
         docs, d = deduplicate(docs, cfg.near_dup_threshold)
         stats.update(d)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, seed)
-    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(train_docs, vocab_size)
+    del docs
+    tok = (load_tokenizer(cfg.tokenizer) if cfg.tokenizer
+           else train_tokenizer(train_docs, vocab_size, sample_chars=cfg.tokenizer_sample_chars))
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} entries but the model's vocab_size is "
                          f"{vocab_size}: raise vocab_size or use a smaller tokenizer")
     eos = eos_id(tok)
-
-    def encode(ds):
-        return [np.asarray(e.ids, np.int32) for e in tok.encode_batch(ds)]
-
-    train_ids, val_ids = encode(train_docs), encode(val_docs)
     stats.update(train_documents=len(train_docs), val_documents=len(val_docs),
-                 train_tokens=int(sum(len(x) + 1 for x in train_ids)), val_tokens=int(sum(len(x) + 1 for x in val_ids)),
                  train_bytes=int(sum(len(d.encode()) for d in train_docs)))
-    train = pack_documents(train_ids, seq_len, eos)
-    val = pack_documents(val_ids, seq_len, eos)
-    stats["unigram_entropy"] = unigram_entropy(np.concatenate(train_ids), vocab_size)
+    train_ids, counts = encode_documents(tok, train_docs, vocab_size)
+    del train_docs
+    val_ids, _ = encode_documents(tok, val_docs, vocab_size)
+    stats.update(train_tokens=int(sum(len(x) + 1 for x in train_ids)), val_tokens=int(sum(len(x) + 1 for x in val_ids)),
+                 unigram_entropy=_entropy(counts))
+    train = pack_documents(train_ids, seq_len, eos, consume=True)
+    val = pack_documents(val_ids, seq_len, eos, consume=True)
     return PreparedData(train=train, val=val, tokenizer=tok, eos_id=eos, stats=stats)

@@ -43,8 +43,16 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
     Raises ``ValueError`` before compiling for bad input (corpus, output folder, config, mesh) and
     :class:`TrainingDiverged` on a non-finite loss. ``on_step(step, record)`` is called after every step.
     ``objective`` defaults to :class:`~deepseek_jax.train.objectives.Pretrain` with the run's weights.
+    The run folder is locked for the whole run (:class:`~deepseek_jax.train.lock.RunLocked` names the
+    other writer); a failed checkpoint write raises :class:`~deepseek_jax.train.run_dir.CheckpointWriteError`.
     """
-    run, data, fns = _setup(cfg, tcfg, objective or Pretrain(tcfg.balance_alpha, tcfg.z_loss))
+    with RunDir(tcfg.out).open_for_writing(cfg, lock=jax.process_index() == 0) as run:
+        return _train(run, cfg, tcfg, progress, on_step, objective or Pretrain(tcfg.balance_alpha, tcfg.z_loss))
+
+
+def _train(run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, progress: bool,
+           on_step: Callable[[int, dict], None] | None, objective: Objective) -> dict[str, Any]:
+    data, fns = _setup(run, cfg, tcfg, objective)
     rows = local_rows(fns.batch_sharding, (tcfg.batch_size, tcfg.seq_len))
     batches = Batches(data.train, tcfg.batch_size, tcfg.seed, local_rows=rows)
     state, ema, ckpts, start = _resume(run, tcfg, fns, batches)
@@ -82,10 +90,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
     return _finish(cfg, tcfg, summary, start, step, state, val, data)
 
 
-def _setup(cfg: ModelConfig, tcfg: TrainConfig, objective: Objective) -> tuple[RunDir, PreparedData, TrainFns]:
+def _setup(run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, objective: Objective) -> tuple[PreparedData, TrainFns]:
     """Everything that can fail on bad input, before anything compiles; then the data and the step."""
-    run = RunDir(tcfg.out)
-    run.check(cfg)
     if tcfg.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"train.seq_len={tcfg.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
     mesh = mesh_for(tcfg.mesh)
@@ -99,9 +105,17 @@ def _setup(cfg: ModelConfig, tcfg: TrainConfig, objective: Objective) -> tuple[R
           f"duplicates removed; train {s['train_documents']} docs / {s['train_tokens']:,} tokens "
           f"({len(data.train['tokens'])} rows), val {s['val_documents']} docs / {s['val_tokens']:,} tokens; "
           f"unigram entropy {s['unigram_entropy']:.3f} nats ({time.perf_counter() - t0:.1f} s)")
+    for key, what in (("skipped_binary_files", "binary files skipped"),
+                      ("skipped_non_string_records", "JSONL records skipped: their text is not a string"),
+                      ("invalid_utf8_files", "files held invalid UTF-8, replaced by U+FFFD")):
+        if s.get(key):
+            H.log(f"warning: data: {s[key]} {what} (see data.sources)")
+    if s.get("split_documents"):
+        H.log(f"note: data: {s['split_documents']} documents longer than data.max_document_chars="
+              f"{tcfg.data.max_document_chars:,} were split into chunks")
     if jax.process_index() == 0:
         run.write_setup(cfg, tcfg, data.tokenizer)
-    return run, data, make_train_fns(cfg, StepConfig.from_train(tcfg), objective, mesh)
+    return data, make_train_fns(cfg, StepConfig.from_train(tcfg), objective, mesh)
 
 
 def _resume(run: RunDir, tcfg: TrainConfig, fns: TrainFns, batches: Batches):
@@ -119,7 +133,7 @@ def _resume(run: RunDir, tcfg: TrainConfig, fns: TrainFns, batches: Batches):
             ema.load(ema_tree)
         H.log(f"resumed from the checkpoint at step {start}")
     if jax.process_index() == 0:
-        run.truncate_metrics(start)  # records past the resumed step (a crash after the last save) are redone
+        run.truncate_metrics(start, H.log)  # records past the resumed step (a crash after the last save) are redone
     return state, ema, ckpts, start
 
 
