@@ -12,7 +12,7 @@ import time
 
 import jax
 
-from deepseek_jax.analysis.layout import format_report, layout_report
+from deepseek_jax.analysis.layout import format_report
 from deepseek_jax.analysis.params import model_info
 from deepseek_jax.config import load_config
 from deepseek_jax.hf import config_from_hf
@@ -22,6 +22,7 @@ from deepseek_jax.train.config import load_run_config
 from deepseek_jax.train.loop import TrainingDiverged, train
 from deepseek_jax.train.lock import RunLocked
 from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, load_run
+from deepseek_jax.train.step import step_layout_report
 
 __all__ = ["main"]
 
@@ -80,7 +81,7 @@ def _layout(cfg, args: argparse.Namespace) -> int:
     devices = jax.devices()
     n = mesh_size(axes)
     mesh = make_mesh(axes, devices[:n] if jax.default_backend() == "cpu" else devices)
-    report = layout_report(cfg, mesh, batch=args.batch, seq=args.seq, step=not args.no_step)
+    report = step_layout_report(cfg, mesh, batch=args.batch, seq=args.seq, remat=args.remat, compile=not args.no_step)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -163,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", help="report a layout, e.g. data=2,expert=2,tensor=2 (fakes CPU devices if needed)")
     p.add_argument("--batch", type=_positive, default=8, help="global batch of the step analysed with --mesh")
     p.add_argument("--seq", type=_positive, default=128, help="sequence length of the step analysed with --mesh")
-    p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the step")
+    p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the training step")
+    p.add_argument("--remat", default="none", help="with --mesh: the training step's recomputation policy "
+                   "(train.remat: none, full or deepseek)")
     p.set_defaults(fn=_info)
 
     t = sub.add_parser("train", help="train (or resume) a model: the project's main job")

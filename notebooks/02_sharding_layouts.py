@@ -30,7 +30,7 @@ import numpy as np
 
 import deepseek_jax as dsj
 from deepseek_jax import sharding as S
-from deepseek_jax.analysis.layout import layout_report
+from deepseek_jax.train.step import step_layout_report
 
 print(len(jax.devices()), "devices")
 for name, axes in S.RULES.items():
@@ -59,11 +59,12 @@ jax.debug.visualize_array_sharding(experts[0, :, :, 0])  # [e, d]: experts split
 
 # %% [markdown]
 # ## Memory and collectives per layout
-# `layout_report` compiles one forward+backward (nothing is run) and reads its collectives from the HLO.
+# `step_layout_report` compiles the real training step -- the pre-training loss, AdamW, the state's
+# shardings as in/out shardings, donation (nothing is run) -- and reads its memory and collectives.
 
 # %%
 layouts = ["data=8", "fsdp=8", "expert=8", "tensor=2,expert=4", "data=2,fsdp=2,expert=2", "data=2,tensor=2,expert=2"]
-reports = {name: layout_report(cfg, S.make_mesh(name), batch=8, seq=128) for name in layouts}
+reports = {name: step_layout_report(cfg, S.make_mesh(name), batch=8, seq=128) for name in layouts}
 print(f"{'layout':26s} {'params MiB':>10s} {'+grads+Adam':>12s} {'step temp MiB':>14s}  collectives (count, MiB)")
 for name, r in reports.items():
     m = r["bytes_per_device"]
@@ -92,7 +93,11 @@ plt.show()
 # %% [markdown]
 # Reading the table:
 # * `data=8` keeps a full copy everywhere and all-reduces the gradients;
-# * `fsdp=8` holds 1/8 of the state and all-gathers each layer's weights where they are used;
+# * `fsdp=8` holds 1/8 of the state (every weight matrix has an `fsdp` axis, the MLA up-projections on
+#   their latent rank) and all-gathers each layer's weights where they are used; its gradients are
+#   reduce-scattered, but on XLA:CPU they are also all-reduced first (the all-reduce bar): the gather's
+#   transpose receives a replicated cotangent, which GSPMD builds from the batch-partial sums -- an open
+#   item of issue 20;
 # * any `expert > 1` layout adds the MoE dispatch and combine all-to-alls, and splits the experts;
 # * `tensor=2` splits heads, MLP width and vocabulary, paying all-reduces of partial sums.
 #

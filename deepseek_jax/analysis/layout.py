@@ -1,5 +1,6 @@
-"""What a layout costs: per-parameter partition specs, bytes per device, and the collectives of the
-compiled forward+backward, read from its HLO.
+"""What a layout costs: per-parameter partition specs, bytes per device, and the memory and collectives
+of a compiled step, read from its memory analysis and HLO. The training step itself is compiled by
+:func:`deepseek_jax.train.step.step_layout_report` (this floor does not know the optimiser).
 
 Nothing is allocated: parameters are ``jax.ShapeDtypeStruct`` with shardings, and the step is only
 lowered and compiled. Bytes of a collective are the bytes of its result on one device (for an
@@ -16,13 +17,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.placement import check_layout, logical_tree
-from deepseek_jax.nn.transformer import Transformer
-from deepseek_jax.parallel.rules import logical_spec, named_sharding
+from deepseek_jax.parallel.rules import logical_spec
 
 __all__ = ["hlo_collectives", "layout_report", "format_report"]
 
@@ -55,12 +55,10 @@ def _per_device_bytes(shape: tuple[int, ...], dtype: Any, spec: P, mesh: Mesh) -
     return n
 
 
-def layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, step: bool = True) -> dict[str, Any]:
-    """Partition specs, bytes per device and (``step=True``) the compiled step's memory and collectives.
-
-    ``batch x seq`` tokens are the global batch of the step (forward + backward of a mean-squared-logit
-    loss, the same collectives as a cross-entropy step).
-    """
+def layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, compiled: Any = None) -> dict[str, Any]:
+    """Partition specs and bytes per device of every variable; with ``compiled`` (a ``jax.stages.Compiled``
+    step over ``batch x seq`` tokens) also its memory (``step_arguments``: the state and batch it takes,
+    ``step_temp``: its scratch) and collectives per device."""
     check_layout(cfg, mesh, global_batch=batch)
     boxed = logical_tree(cfg)
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
@@ -80,18 +78,9 @@ def layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, step: bool
         "bytes_per_device": {"params": total["params"], "grads_f32": int(total["params"] * f32),
                              "adam_f32": int(2 * total["params"] * f32)},
     }
-    if step:
-        shardings = jax.tree_util.tree_map(lambda b: NamedSharding(mesh, logical_spec(b.names)), boxed, is_leaf=is_box)
-        abstract = jax.tree_util.tree_map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=s),
-                                          boxed, shardings, is_leaf=is_box)
-        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=named_sharding(mesh, ("act_batch", None)))
-
-        def loss(v, t):
-            return jnp.mean(Transformer(cfg).apply(v, t).logits ** 2)
-
-        with jax.set_mesh(mesh):
-            compiled = jax.jit(jax.grad(loss)).lower(abstract, tokens).compile()
+    if compiled is not None:
         mem = compiled.memory_analysis()
+        report["bytes_per_device"]["step_arguments"] = int(mem.argument_size_in_bytes)
         report["bytes_per_device"]["step_temp"] = int(mem.temp_size_in_bytes)
         report["collectives"] = hlo_collectives(compiled.as_text())
     return report
@@ -109,7 +98,7 @@ def format_report(report: dict[str, Any], max_params: int = 40) -> str:
     for k, v in report["bytes_per_device"].items():
         lines.append(f"  {k:12s} {v / 2**20:12,.2f} MiB")
     if "collectives" in report:
-        lines += ["", "collectives of one forward+backward (per device):"]
+        lines += ["", "collectives of one training step (per device):"]
         for k, v in sorted(report["collectives"].items()):
             lines.append(f"  {k:20s} x{v['count']:<5d} {v['bytes'] / 2**20:12,.3f} MiB")
     return "\n".join(lines)

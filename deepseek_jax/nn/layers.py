@@ -2,7 +2,8 @@
 
 Every parameter is created through :func:`param` with *logical axis names* (one per dimension);
 :data:`deepseek_jax.parallel.rules.RULES` maps those names to mesh axes. Logical names of parameters:
-``vocab, embed, mlp, heads, kv_heads, head_dim, qk_head, kv_head, v_head, q_lora, kv_lora, exp, mlp_moe, mtp_concat, norm``
+``vocab, embed, mlp, heads, kv_heads, head_dim, qk_head, kv_head, v_head, q_lora, kv_lora, q_latent,
+kv_latent, exp, mlp_moe, mtp_concat, norm``
 (``layers`` is prepended by ``nn.scan``).
 """
 

@@ -4,9 +4,10 @@ One table, :data:`RULES`, maps every logical axis name (parameters and activatio
 everything else derives from it. In the scaling-book notation (``A[I_X, J]``: dim I split over
 mesh axis X):
 
-* parameters: ``W_embed[V_tensor, D_fsdp]`` (vocabulary-parallel), attention ``Wq_b[Q, N_tensor, H]``,
+* parameters: ``W_embed[V_tensor, D_fsdp]`` (vocabulary-parallel), attention ``Wq_b[Q_fsdp, N_tensor, H]``,
   ``Wo[N_tensor, V, D_fsdp]`` (head-parallel), ``W1[D_fsdp, F_tensor]``, experts ``W1[E_expert, D_fsdp,
-  F_tensor]``; norms and latent projections replicated (small);
+  F_tensor]``; every weight matrix has one ``fsdp`` axis (``embed``, else the MLA latent rank); norm
+  scales and router biases replicated (small);
 * activations: ``x[B_(data,fsdp,expert), T, D]`` (attention and dense layers are batch-parallel over
   the expert axis too, so no device idles), heads and MLP hidden split over ``tensor``.
 
@@ -37,8 +38,12 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "qk_head": None,  # MLA query/key width per head, p + r
     "kv_head": None,  # MLA wkv_b output per head, p + v
     "v_head": None,  # MLA value width per head
-    "q_lora": None,
+    "q_lora": None,  # wq_a's output (and q_norm): the row of wq_a is sharded over embed already
     "kv_lora": None,
+    # The input (LoRA rank) axis of the MLA up-projections wq_b [q, n, p+r] and wkv_b [c, n, p+v]: they
+    # have no embed axis, so FSDP shards them here (V3: 6.8 GB of bf16 weights that stayed whole before).
+    "q_latent": "fsdp",
+    "kv_latent": "fsdp",
     "exp": "expert",
     "mlp_moe": "tensor",
     "mtp_concat": None,

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from deepseek_jax.analysis.layout import layout_report
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.placement import check_layout, init_unboxed, param_shardings
@@ -31,10 +32,10 @@ from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
 from deepseek_jax.parallel.rules import batch_spec
 from deepseek_jax.train.balance import max_violation, update_router_bias
 from deepseek_jax.train.config import StepConfig
-from deepseek_jax.train.objectives import Objective, cross_entropy, shifted_targets
+from deepseek_jax.train.objectives import Objective, Pretrain, cross_entropy, shifted_targets
 from deepseek_jax.train.optim import make_optimizer
 
-__all__ = ["TrainFns", "make_train_fns", "objective_loss", "mesh_for", "global_batch", "local_rows", "hyper"]
+__all__ = ["TrainFns", "make_train_fns", "step_layout_report", "objective_loss", "mesh_for", "global_batch", "local_rows", "hyper"]
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
@@ -45,6 +46,7 @@ class TrainFns:
     step: Callable  # (state, batch, hyper) -> (state, metrics)
     eval: Callable  # (params, router, batch) -> (nll_sum, count) of the main next-token loss
     batch_sharding: NamedSharding
+    compile_step: Callable  # () -> jax.stages.Compiled: the step for abstract arguments (nothing allocated)
 
 
 def mesh_for(mesh_text: str) -> Mesh:
@@ -119,9 +121,33 @@ def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh
     jit_step = jax.jit(step, in_shardings=(state_sh, batch_shs, None), out_shardings=(state_sh, None),
                        donate_argnums=(0,))
     jit_eval = jax.jit(evaluate, in_shardings=(state_sh[tree.PARAMS], state_sh[tree.ROUTER], batch_shs))
+    jit_init = jax.jit(init, out_shardings=state_sh)
+
+    def compile_step() -> jax.stages.Compiled:
+        with jax.set_mesh(mesh):
+            state = jax.eval_shape(jit_init, jax.random.key(0))
+            state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sh)
+            batch = {k: jax.ShapeDtypeStruct((sc.batch_size, sc.seq_len), jnp.int32, sharding=batch_sh)
+                     for k in BATCH_KEYS}
+            return jit_step.lower(state, batch, hyper(1.0, 1e-3)).compile()
+
     wrap = functools.partial(_in_mesh, mesh)
-    return TrainFns(init=wrap(jax.jit(init, out_shardings=state_sh)), step=wrap(jit_step), eval=wrap(jit_eval),
-                    batch_sharding=batch_sh)
+    return TrainFns(init=wrap(jit_init), step=wrap(jit_step), eval=wrap(jit_eval), batch_sharding=batch_sh,
+                    compile_step=compile_step)
+
+
+def step_layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, remat: str = "none",
+                       objective: Objective | None = None, compile: bool = True) -> dict[str, Any]:
+    """:func:`~deepseek_jax.analysis.layout.layout_report` of the REAL training step on ``mesh``: the
+    pre-training objective (or ``objective``), AdamW, the state's shardings as in/out shardings, donation and
+    ``remat`` -- so the memory and collectives are the ones a run of ``batch x seq`` tokens pays. Nothing is
+    allocated (abstract arguments, ``lower().compile()``)."""
+    check_layout(cfg, mesh, global_batch=batch)
+    compiled = None
+    if compile:
+        step_cfg = StepConfig(batch_size=batch, seq_len=seq, steps=10_000, remat=remat)  # AdamW defaults
+        compiled = make_train_fns(cfg, step_cfg, objective or Pretrain(), mesh).compile_step()
+    return layout_report(cfg, mesh, batch, seq, compiled=compiled)
 
 
 def _state_shardings(cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation, init: Callable,

@@ -62,7 +62,7 @@ class MLA(nn.Module):
         n, p, r, vd, kc = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
         if a.q_lora_rank:
             wq_a = param(self, "wq_a", (c.d_model, a.q_lora_rank), ("embed", "q_lora"), std, pd)
-            wq_b = param(self, "wq_b", (a.q_lora_rank, n, p + r), ("q_lora", "heads", "qk_head"), std, pd)
+            wq_b = param(self, "wq_b", (a.q_lora_rank, n, p + r), ("q_latent", "heads", "qk_head"), std, pd)
             cq = RMSNorm(a.q_lora_rank, c.rms_norm_eps, pd, name="q_norm")(checkpoint_name(linear(x, wq_a, fp8=c.fp8), "c_q"))
             q = linear(cq, wq_b, fp8=c.fp8)
         else:
@@ -75,7 +75,7 @@ class MLA(nn.Module):
         kv = checkpoint_name(linear(x, wkv_a, fp8=c.fp8), "c_kv")  # latent + rope key: kept by the 'deepseek' remat policy
         c_kv = RMSNorm(kc, c.rms_norm_eps, pd, name="kv_norm")(kv[..., :kc])
         k_rope = apply_rope(kv[..., kc:], positions, c.rope)  # [b, s, r], shared by all heads
-        wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_lora", "heads", "kv_head"), std, pd)
+        wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_latent", "heads", "kv_head"), std, pd)
         wo = param(self, "wo", (n, vd, c.d_model), ("heads", "v_head", "embed"), std, pd, n_in=2)
         if self.cache is not None and self.cache.kind == "latent":
             out = self._absorbed(q_nope, q_rope, c_kv, k_rope, wkv_b, positions)
