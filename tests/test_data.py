@@ -105,3 +105,15 @@ def test_batches_resume_and_process_split():
 def test_unigram_entropy_formula():
     toks = np.array([0, 0, 1, 2])
     assert D.unigram_entropy(toks, 4) == pytest.approx(-(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25)))
+
+
+def test_fragments_computed_a_block_of_rows_at_a_time_equal_one_block():
+    """Packing works in blocks of rows (bounded temporaries); any block size gives the same arrays."""
+    rng = np.random.default_rng(3)
+    lens = rng.integers(1, 60, 40)
+    ends = np.cumsum(lens)
+    total, t = int(ends[-1]), 16
+    n = -(-total // t)
+    whole = D._fragments(ends, total, n, t, block_rows=n)
+    for rows in (1, 2, 7):
+        assert all(np.array_equal(a, b) for a, b in zip(D._fragments(ends, total, n, t, block_rows=rows), whole))

@@ -22,9 +22,10 @@ rows of the global batch.
 
 Memory: no stage holds more than one document's working set at once, and documents are at most
 ``max_document_chars`` long, so the peak is linear in the corpus and independent of how its text is cut
-into documents: about 0.5 GB + 30 bytes per token (the text, 4 bytes per token of ids, 12 of packed rows
-and packing temporaries). Measured: 4.2 GB peak RSS for one 200 MB document plus a 20 MB line of letters
-(160M tokens, 250 s on 2 cores; ``tests/test_reliability.py``), where a 50 MB document took 10.7 GB before.
+into documents: about 0.5 GB + 30 bytes per token (the text, 4 bytes per token of ids, 12 of packed rows,
+one block of packing temporaries, allocator slack). Measured: 3.6 GB peak RSS for one 200 MB document
+plus a 20 MB line of letters (160M tokens, 285 s on 2 cores; ``tests/test_reliability.py``), where a
+50 MB document took 10.7 GB before.
 """
 
 from __future__ import annotations
@@ -211,9 +212,9 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, eos: int, consume: bool
 
     Documents are joined with ``eos`` after each one and cut every ``seq_len`` tokens; a document cut
     at a row boundary continues in the next row as a new fragment (positions restart at 0). The last
-    row is padded with ``eos`` under segment id 0 (masked out of every loss). Works in int32, in place
-    (at most 9 bytes per token of temporaries besides the 12 of the result). ``consume=True`` empties the
-    list ``docs`` as it goes, freeing each array once copied.
+    row is padded with ``eos`` under segment id 0 (masked out of every loss). Works in int32 with
+    temporaries of one block of rows besides the 12 bytes per token of the result; ``consume=True`` empties
+    the list ``docs`` as it goes, freeing each array once copied.
     """
     if not docs:
         raise ValueError("nothing to pack: no documents")
@@ -231,22 +232,35 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, eos: int, consume: bool
             docs[i] = None
     if consume:
         docs.clear()
-    start = np.zeros(n * seq_len, bool)  # a fragment begins: a row, a document, or the padding begins
-    start[::seq_len] = True
-    start[ends[:-1]] = True
-    start[0] = True
-    if total < n * seq_len:
-        start[total] = True
-    frag_start = np.arange(n * seq_len, dtype=np.int32)
-    frag_start *= start  # the index where a fragment begins, else 0; then carried forward
-    np.maximum.accumulate(frag_start, out=frag_start)
-    positions = np.arange(n * seq_len, dtype=np.int32)
-    positions -= frag_start
-    del frag_start
-    seg = np.cumsum(start.reshape(n, seq_len), axis=1, dtype=np.int32)
+    seg, positions = _fragments(ends, total, n, seq_len)
+    return {"tokens": stream.reshape(n, seq_len), "segment_ids": seg, "positions": positions}
+
+
+def _fragments(ends: np.ndarray, total: int, n: int, seq_len: int, block_rows: int = 1 << 14):
+    """``(segment_ids, positions)`` ``[n, seq_len]`` for documents ending at token offsets ``ends`` (the
+    last one at ``total``), computed a block of rows at a time (every row starts a fragment, so blocks are
+    independent): a fragment begins at a row, a document or the padding."""
+    seg = np.empty((n, seq_len), np.int32)
+    positions = np.empty((n, seq_len), np.int32)
+    starts = ends[:-1]
+    for r0 in range(0, n, block_rows):
+        lo, hi = r0 * seq_len, min(n, r0 + block_rows) * seq_len
+        start = np.zeros(hi - lo, bool)
+        start[::seq_len] = True
+        start[starts[np.searchsorted(starts, lo):np.searchsorted(starts, hi)] - lo] = True
+        if lo <= total < hi:
+            start[total - lo] = True
+        frag = np.arange(hi - lo, dtype=np.int32)
+        pos = frag.copy()
+        frag *= start  # the index where a fragment begins, else 0; then carried forward
+        np.maximum.accumulate(frag, out=frag)
+        pos -= frag
+        blk = slice(r0, r0 + (hi - lo) // seq_len)
+        positions[blk] = pos.reshape(-1, seq_len)
+        seg[blk] = np.cumsum(start.reshape(-1, seq_len), axis=1, dtype=np.int32)
     seg.reshape(-1)[total:] = 0
-    positions[total:] = 0
-    return {"tokens": stream.reshape(n, seq_len), "segment_ids": seg, "positions": positions.reshape(n, seq_len)}
+    positions.reshape(-1)[total:] = 0
+    return seg, positions
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
