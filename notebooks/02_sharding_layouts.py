@@ -94,10 +94,8 @@ plt.show()
 # Reading the table:
 # * `data=8` keeps a full copy everywhere and all-reduces the gradients;
 # * `fsdp=8` holds 1/8 of the state (every weight matrix has an `fsdp` axis, the MLA up-projections on
-#   their latent rank) and all-gathers each layer's weights where they are used; its gradients are
-#   reduce-scattered, but on XLA:CPU they are also all-reduced first (the all-reduce bar): the gather's
-#   transpose receives a replicated cotangent, which GSPMD builds from the batch-partial sums -- an open
-#   item of issue 20;
+#   their latent rank), all-gathers each layer's weights inside the product that uses them and
+#   reduce-scatters their gradients -- nothing of size is all-reduced;
 # * any `expert > 1` layout adds the MoE dispatch and combine all-to-alls, and splits the experts;
 # * `tensor=2` splits heads, MLP width and vocabulary, paying all-reduces of partial sums.
 #

@@ -33,10 +33,27 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
           "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 
 
+def _group_size(line: str) -> int | None:
+    """Devices per replica group of a collective's HLO line (None when the format is not recognised):
+    ``{{0,1},{2,3}}``, ``[groups,size]<=[n]`` or ``mesh['axis_0'=8,...] {'axis_0'}``."""
+    if m := re.search(r"replica_groups=\{\{([^}]*)\}", line):
+        return len(m.group(1).split(","))
+    if m := re.search(r"replica_groups=\[\d+,(\d+)\]<=", line):
+        return int(m.group(1))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
+    return None
+
+
 def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """``{kind: {"count": n, "bytes": b}}`` over the collectives in compiled HLO text (per device)."""
+    """``{kind: {"count": n, "bytes": b}}`` over the collectives in compiled HLO text (per device).
+    Collectives whose replica groups hold one device each move nothing and are left out."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "bytes": 0})
     for m in _OP.finditer(hlo_text):
+        line_end = hlo_text.find("\n", m.end())
+        if _group_size(hlo_text[m.start(): line_end if line_end >= 0 else None]) == 1:
+            continue
         kind, result = m.group(2), m.group(1)
         shapes = _SHAPE.findall(result)
         if "-start(" in m.group(0) and len(shapes) > 1:

@@ -10,7 +10,7 @@ kv_latent, exp, mlp_moe, mtp_concat, norm``
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,14 +20,36 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels import fp8 as fp8_ops
 from deepseek_jax.nn import tree
+from deepseek_jax.parallel.fsdp import fsdp_matmul, fsdp_take
 from deepseek_jax.parallel.rules import constrain, fsdp_gather
 
-__all__ = ["param", "linear", "RMSNorm", "MLP"]
+__all__ = ["param", "Weight", "linear", "take", "RMSNorm", "MLP"]
+
+
+class Weight(NamedTuple):
+    """A parameter as stored (split over ``fsdp`` on a mesh) with its logical axis names: :func:`linear` and
+    :func:`take` gather it inside the product that uses it, so its gradient is one reduce-scatter
+    (:mod:`deepseek_jax.parallel.fsdp`). ``gathered()`` is the whole array, for any other use."""
+
+    value: jax.Array
+    names: tuple[str, ...]
+
+    def gathered(self) -> jax.Array:
+        return fsdp_gather(self.value, self.names)
+
+    def astype(self, dtype) -> "Weight":
+        return Weight(self.value.astype(dtype), self.names)
+
+    @property
+    def T(self) -> "Weight":  # noqa: N802 - like jax.Array.T
+        return Weight(self.value.T, self.names[::-1])
 
 
 def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], std: float | None,
-          dtype: jnp.dtype, n_in: int = 1) -> jax.Array:
+          dtype: jnp.dtype, n_in: int = 1, gather: bool = True) -> jax.Array | Weight:
     """A parameter with logical axes ``axes``; normal(std) init, or ones when ``std is None`` (norms).
+    ``gather=False`` returns it as stored, a :class:`Weight` for :func:`linear` / :func:`take`; otherwise
+    it is gathered whole where it is read (:func:`~deepseek_jax.parallel.rules.fsdp_gather`).
 
     A weight stored as FP8 (``hf.load_checkpoint(..., keep_fp8=True)``) comes with its 128x128 block
     scales in the ``"fp8_scale"`` collection (``[..., ceil(K/128), ceil(N/128)]`` over the flattened
@@ -40,7 +62,9 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     value = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
     if jnp.dtype(value.dtype).itemsize == 1 and jnp.issubdtype(value.dtype, jnp.floating):
         value = _dequantize_param(module, name, value, n_in, dtype)
-    return fsdp_gather(value, axes)  # ZeRO-3: stored sharded over fsdp, used whole (reduce-scattered grads)
+    if not gather:
+        return Weight(value, tuple(axes))
+    return fsdp_gather(value, axes)  # ZeRO-3: stored sharded over fsdp, used whole
 
 
 def _dequantize_param(module: nn.Module, name: str, q: jax.Array, n_in: int, dtype) -> jax.Array:
@@ -53,7 +77,7 @@ def _dequantize_param(module: nn.Module, name: str, q: jax.Array, n_in: int, dty
     return fp8_ops.dequantize(q.reshape(lead + (k, -1)), scale, (128, 128)).reshape(q.shape).astype(dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, n_in: int = 1, fp8=None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | Weight, n_in: int = 1, fp8=None) -> jax.Array:
     """Contract the last ``n_in`` dims of ``x`` with the first ``n_in`` of ``w`` as ONE 2-D matmul.
 
     ``x[..., i1..in] · w[i1..in, o1..om] -> [..., o1..om]`` (same math as the einsum; the 2-D form is what
@@ -61,8 +85,14 @@ def linear(x: jax.Array, w: jax.Array, n_in: int = 1, fp8=None) -> jax.Array:
     :class:`~deepseek_jax.config.FP8Config`, i.e. ``cfg.fp8`` of the layers that run in FP8) takes the 2-D
     product through :func:`deepseek_jax.kernels.fp8.dense` (1x128 activation tiles, 128x128 blocks of the
     flattened ``[in, out]`` weight -- the checkpoint's blocks, transposed). The embedding, head and router
-    pass no ``fp8``: they stay in high precision, as in DeepSeek-V3.
+    pass no ``fp8``: they stay in high precision, as in DeepSeek-V3. A :class:`Weight` is gathered inside the
+    product on an FSDP mesh (:func:`~deepseek_jax.parallel.fsdp.fsdp_matmul`; ``x``'s first dim is the
+    batch); with ``fp8`` it is gathered first (its 128x128 blocks need the whole matrix).
     """
+    if isinstance(w, Weight):
+        if fp8 is None:
+            return fsdp_matmul(x, w.value, n_in, w.names)
+        w = w.gathered()
     lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     k = math.prod(ins)
     if fp8 is None:
@@ -70,6 +100,13 @@ def linear(x: jax.Array, w: jax.Array, n_in: int = 1, fp8=None) -> jax.Array:
     else:
         y = fp8_ops.dense(x.reshape(-1, k), w.reshape(k, -1), fp8.scale_fmt, fp8_ops.resolve_impl(fp8))
     return y.reshape(lead + outs)
+
+
+def take(table: jax.Array | Weight, ids: jax.Array) -> jax.Array:
+    """Embedding rows ``table[ids]`` (``ids[B, ...]``); a :class:`Weight` is looked up shard-locally."""
+    if isinstance(table, Weight):
+        return fsdp_take(table.value, ids, table.names)
+    return jnp.take(table, ids, axis=0)
 
 
 class RMSNorm(nn.Module):
@@ -100,9 +137,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
-        w1 = param(self, "w1", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
-        w3 = param(self, "w3", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd)
-        w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd)
+        w1 = param(self, "w1", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd, gather=False)
+        w3 = param(self, "w3", (c.d_model, self.hidden), ("embed", "mlp"), c.init_std, pd, gather=False)
+        w2 = param(self, "w2", (self.hidden, c.d_model), ("mlp", "embed"), c.init_std, pd, gather=False)
         h = jax.nn.silu(checkpoint_name(linear(x, w1, fp8=c.fp8), "mlp_in")) * checkpoint_name(
             linear(x, w3, fp8=c.fp8), "mlp_in")
         h = constrain(h, "act_batch", "act_length", "act_mlp")

@@ -15,8 +15,9 @@ from deepseek_jax.config import MoEConfig, ModelConfig
 from deepseek_jax.kernels.fp8 import quantize_weight
 from deepseek_jax.kernels.grouped_gemm import routed_experts
 from deepseek_jax.nn import tree
-from deepseek_jax.nn.layers import MLP, param
+from deepseek_jax.nn.layers import MLP, linear, param
 from deepseek_jax.parallel.expert import ep_routed_experts
+from deepseek_jax.parallel.fsdp import fsdp_active
 
 __all__ = ["route", "sequence_balance", "MoE"]
 
@@ -77,25 +78,28 @@ class MoE(nn.Module):
         m, pd, dt, std = c.moe, jnp.dtype(c.param_dtype), x.dtype, c.init_std
         e, f = m.n_routed_experts, m.moe_intermediate_size
         b, t, d = x.shape
-        kernel = param(self, tree.ROUTER_WEIGHT, (d, e), ("embed", "exp"), std, pd)
+        kernel = param(self, tree.ROUTER_WEIGHT, (d, e), ("embed", "exp"), std, pd, gather=False)
         bias = None
         if m.router.topk_method == "noaux_tc":
             bias = self.variable(tree.ROUTER, tree.ROUTER_BIAS,
                                  nn.with_logical_partitioning(lambda: jnp.zeros((e,), jnp.float32), ("exp",))).value
         xf = x.reshape(b * t, d)
-        logits = xf.astype(jnp.float32) @ kernel.astype(jnp.float32)
+        logits = linear(xf.astype(jnp.float32), kernel.astype(jnp.float32))
         weights, experts = route(logits, bias, m)
         self.sow(tree.INTERMEDIATES, tree.BALANCE, sequence_balance(logits.reshape(b, t, e), experts.reshape(b, t, -1), m))
-        w1 = param(self, "w1", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
-        w3 = param(self, "w3", (e, d, f), ("exp", "embed", "mlp_moe"), std, pd).astype(dt)
-        w2 = param(self, "w2", (e, f, d), ("exp", "mlp_moe", "embed"), std, pd).astype(dt)
+        w1, w3, w2 = (param(self, name, shape, names, std, pd, gather=False).astype(dt) for name, shape, names in (
+            ("w1", (e, d, f), ("exp", "embed", "mlp_moe")), ("w3", (e, d, f), ("exp", "embed", "mlp_moe")),
+            ("w2", (e, f, d), ("exp", "mlp_moe", "embed"))))
+        sharded = c.fp8 is None and fsdp_active()  # gathered inside the dispatch (reduce-scattered gradients)
+        w1, w3, w2 = (w.value if sharded else w.gathered() for w in (w1, w3, w2))
         if c.fp8 is not None:  # one 128x128-block grid per expert, straight-through to the master weights
             w1, w3, w2 = (quantize_weight(w, c.fp8.scale_fmt) for w in (w1, w3, w2))
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             y = routed_experts(xf, weights, experts, w1, w3, w2, fp8=c.fp8)
         else:  # explicit dispatch over the mesh's expert axis (shard_map)
-            y, dropped, dispatched = ep_routed_experts(xf, weights, experts, w1, w3, w2, mesh, m.capacity_factor, c.fp8)
+            y, dropped, dispatched = ep_routed_experts(xf, weights, experts, w1, w3, w2, mesh, m.capacity_factor, c.fp8,
+                                                       fsdp=sharded)
             self.sow(tree.INTERMEDIATES, tree.DROPPED_ROWS, dropped)
             self.sow(tree.INTERMEDIATES, tree.DISPATCHED_ROWS, dispatched)
         y = y.reshape(b, t, d)

@@ -25,7 +25,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention import CacheConfig
 from deepseek_jax.nn.block import ACT, MTPModule, layer_stack
-from deepseek_jax.nn.layers import RMSNorm, linear, param
+from deepseek_jax.nn.layers import RMSNorm, linear, param, take
 from deepseek_jax.parallel.rules import constrain
 
 __all__ = ["ModelOutput", "Transformer", "init_variables", "abstract_variables", "check_tokens"]
@@ -91,20 +91,20 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.zeros((b, t), jnp.int32)
-        embed = param(self, tree.EMBED, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
+        embed = param(self, tree.EMBED, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd, gather=False)
         if c.tie_embeddings:
             head = embed.T
         else:
-            head = param(self, tree.HEAD, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
+            head = param(self, tree.HEAD, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd, gather=False)
         head = head.astype(dt)
         if draft_from is not None:  # MTP module 1 alone: the speculative draft
             if not c.mtp.depth:
                 raise ValueError("draft_from needs MTP modules (mtp.depth >= 1)")
-            emb = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *ACT)
+            emb = constrain(take(embed, tokens).astype(dt), *ACT)
             h1, hk, load = MTPModule(c, self.remat, self.cache, name=tree.mtp_name(0))(draft_from.astype(dt), emb, positions, segment_ids)
             return ModelOutput(logits=linear(hk, head).astype(jnp.float32), hidden=h1,
                                expert_load=None if load is None else load[None])
-        x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), *ACT)
+        x = constrain(take(embed, tokens).astype(dt), *ACT)
         loads = []
         if c.n_dense_layers:
             x, _ = layer_stack(c, False, c.n_dense_layers, tree.DENSE_STACK, self.remat, self.scan_unroll,
@@ -121,7 +121,7 @@ class Transformer(nn.Module):
             outs, prev = [], h
             for k in range(1, c.mtp.depth + 1):
                 nxt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # t_{i+k}; padding past the end
-                emb_next = constrain(jnp.take(embed, nxt, axis=0).astype(dt), *ACT)
+                emb_next = constrain(take(embed, nxt).astype(dt), *ACT)
                 prev, hk, load = MTPModule(c, self.remat, self.cache, name=tree.mtp_name(k - 1))(prev, emb_next, positions, segment_ids)
                 if load is not None:
                     loads.append(load[None])

@@ -38,8 +38,13 @@ def dispatch_capacity(n_local: int, k: int, shards: int, capacity_factor: float 
     return max(1, min(n_local, math.ceil(capacity_factor * n_local * min(k, shards) / shards)))
 
 
-def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor, fp8=None):
-    """Body run on every device; see module docstring. Returns (y [n, d], dropped rows, dispatched rows)."""
+def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor, fp8=None, fsdp=False):
+    """Body run on every device; see module docstring. Returns (y [n, d], dropped rows, dispatched rows).
+    ``fsdp``: the weights arrive split over ``fsdp`` on their ``D`` dim and are gathered here, so their
+    gradients leave as a reduce-scatter (:mod:`deepseek_jax.parallel.fsdp`)."""
+    if fsdp:
+        w1, w3 = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (w1, w3))
+        w2 = jax.lax.all_gather(w2, "fsdp", axis=2, tiled=True)
     ep = jax.lax.axis_size("expert")
     n, d = x.shape
     if ep == 1:  # every expert is local: no dispatch collectives at all
@@ -81,13 +86,16 @@ def _local(x, weights, experts, w1, w3, w2, *, capacity_factor, tensor, fp8=None
     return out, dropped, dispatched
 
 
-def ep_routed_experts(x, weights, experts, w1, w3, w2, mesh, capacity_factor: float | None = None, fp8=None):
+def ep_routed_experts(x, weights, experts, w1, w3, w2, mesh, capacity_factor: float | None = None, fp8=None,
+                      fsdp: bool = False):
     """Routed experts on a mesh: ``x[N_batch, D]``, ``weights/experts[N_batch, K]``, ``w1,w3[E_expert, D, F_tensor]``,
-    ``w2[E_expert, F_tensor, D]`` -> ``(y[N_batch, D], dropped, dispatched)`` (row counts, global)."""
+    ``w2[E_expert, F_tensor, D]`` -> ``(y[N_batch, D], dropped, dispatched)`` (row counts, global).
+    ``fsdp=True``: the weights are passed as stored, ``D`` split over ``fsdp``, and gathered per device."""
     tensor = mesh.shape["tensor"]
     tok = P(BATCH_AXES, None)
+    d = "fsdp" if fsdp else None
     fn = jax.shard_map(
-        lambda *a: _local(*a, capacity_factor=capacity_factor, tensor=tensor, fp8=fp8), mesh=mesh,
-        in_specs=(tok, tok, tok, P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)),
+        lambda *a: _local(*a, capacity_factor=capacity_factor, tensor=tensor, fp8=fp8, fsdp=fsdp), mesh=mesh,
+        in_specs=(tok, tok, tok, P("expert", d, "tensor"), P("expert", d, "tensor"), P("expert", "tensor", d)),
         out_specs=(tok, P(), P()), check_vma=False)
     return fn(x, weights, experts, w1, w3, w2)

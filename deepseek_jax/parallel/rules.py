@@ -11,8 +11,9 @@ mesh axis X):
 * activations: ``x[B_(data,fsdp,expert), T, D]`` (attention and dense layers are batch-parallel over
   the expert axis too, so no device idles), heads and MLP hidden split over ``tensor``.
 
-FSDP (ZeRO-3): parameters live split over ``fsdp``; XLA all-gathers each layer's weights where they
-are used and reduce-scatters their gradients. Layers call :func:`constrain` on their activations;
+FSDP (ZeRO-3): parameters live split over ``fsdp``; each product gathers its weight inside a
+``shard_map`` next to the matmul (:mod:`deepseek_jax.parallel.fsdp`), so the gradient leaves as one
+reduce-scatter. Layers call :func:`constrain` on their activations;
 it does nothing unless a mesh is set (``jax.set_mesh``), so single-device code is unchanged.
 """
 
@@ -93,9 +94,10 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
 def fsdp_gather(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """FSDP (ZeRO-3): a parameter stored sharded over ``fsdp``, gathered whole where a layer uses it.
 
-    ``W[D_fsdp, F] -> W[D, F]`` by an explicit ``all_gather`` over ``fsdp`` in ``jax.shard_map``; its
-    transpose is ``psum_scatter``, so the gradient leaves the layer as a **reduce-scatter** (GSPMD alone
-    lowers it to all-reduce + slice on XLA:CPU). A no-op without a mesh or with ``fsdp = 1``.
+    ``W[D_fsdp, F] -> W[D, F]`` by an explicit ``all_gather`` over ``fsdp`` in ``jax.shard_map``. The
+    result is replicated, so its gradient is all-reduced before the gather's transpose reduce-scatters it:
+    products use :mod:`deepseek_jax.parallel.fsdp` instead; this serves other uses (FP8 weights, the
+    absorbed-MLA decode). A no-op without a mesh or with ``fsdp = 1``.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:

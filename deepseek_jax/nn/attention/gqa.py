@@ -32,9 +32,9 @@ class GQA(nn.Module):
         c = self.cfg
         a, pd, dt, std = c.attention, jnp.dtype(c.param_dtype), x.dtype, c.init_std
         n, g, h = a.n_heads, a.kv_heads, a.head_dim
-        wq = param(self, "wq", (c.d_model, n, h), ("embed", "heads", "head_dim"), std, pd)
-        wk = param(self, "wk", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
-        wv = param(self, "wv", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd)
+        wq = param(self, "wq", (c.d_model, n, h), ("embed", "heads", "head_dim"), std, pd, gather=False)
+        wk = param(self, "wk", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd, gather=False)
+        wv = param(self, "wv", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd, gather=False)
         q = apply_rope(checkpoint_name(linear(x, wq, fp8=c.fp8), "q_proj"), positions, c.rope)
         k = apply_rope(checkpoint_name(linear(x, wk, fp8=c.fp8), "k_proj"), positions, c.rope)
         v = constrain(checkpoint_name(linear(x, wv, fp8=c.fp8), "v_proj"), *HEADS)
@@ -50,5 +50,5 @@ class GQA(nn.Module):
         scores = jnp.einsum("btgmh,bsgh->bgmts", q, k) * c.softmax_scale
         probs = masked_softmax(scores, mask[:, :, None], dt)
         out = checkpoint_name(jnp.einsum("bgmts,bsgh->btgmh", probs, v).reshape(b, t, n, h), "attn_out")
-        wo = param(self, "wo", (n, h, c.d_model), ("heads", "head_dim", "embed"), std, pd, n_in=2)
+        wo = param(self, "wo", (n, h, c.d_model), ("heads", "head_dim", "embed"), std, pd, n_in=2, gather=False)
         return linear(out, wo, n_in=2, fp8=c.fp8)

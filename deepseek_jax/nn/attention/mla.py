@@ -61,24 +61,24 @@ class MLA(nn.Module):
         a, pd, dt, std = c.attention, jnp.dtype(c.param_dtype), x.dtype, c.init_std
         n, p, r, vd, kc = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
         if a.q_lora_rank:
-            wq_a = param(self, "wq_a", (c.d_model, a.q_lora_rank), ("embed", "q_lora"), std, pd)
-            wq_b = param(self, "wq_b", (a.q_lora_rank, n, p + r), ("q_latent", "heads", "qk_head"), std, pd)
+            wq_a = param(self, "wq_a", (c.d_model, a.q_lora_rank), ("embed", "q_lora"), std, pd, gather=False)
+            wq_b = param(self, "wq_b", (a.q_lora_rank, n, p + r), ("q_latent", "heads", "qk_head"), std, pd, gather=False)
             cq = RMSNorm(a.q_lora_rank, c.rms_norm_eps, pd, name="q_norm")(checkpoint_name(linear(x, wq_a, fp8=c.fp8), "c_q"))
             q = linear(cq, wq_b, fp8=c.fp8)
         else:
-            wq = param(self, "wq", (c.d_model, n, p + r), ("embed", "heads", "qk_head"), std, pd)
+            wq = param(self, "wq", (c.d_model, n, p + r), ("embed", "heads", "qk_head"), std, pd, gather=False)
             q = linear(x, wq, fp8=c.fp8)
         q = constrain(q, *HEADS)
         q_nope, q_rope = q[..., :p], apply_rope(q[..., p:], positions, c.rope)
 
-        wkv_a = param(self, "wkv_a", (c.d_model, kc + r), ("embed", "kv_lora"), std, pd)
+        wkv_a = param(self, "wkv_a", (c.d_model, kc + r), ("embed", "kv_lora"), std, pd, gather=False)
         kv = checkpoint_name(linear(x, wkv_a, fp8=c.fp8), "c_kv")  # latent + rope key: kept by the 'deepseek' remat policy
         c_kv = RMSNorm(kc, c.rms_norm_eps, pd, name="kv_norm")(kv[..., :kc])
         k_rope = apply_rope(kv[..., kc:], positions, c.rope)  # [b, s, r], shared by all heads
-        wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_latent", "heads", "kv_head"), std, pd)
-        wo = param(self, "wo", (n, vd, c.d_model), ("heads", "v_head", "embed"), std, pd, n_in=2)
+        wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_latent", "heads", "kv_head"), std, pd, gather=False)
+        wo = param(self, "wo", (n, vd, c.d_model), ("heads", "v_head", "embed"), std, pd, n_in=2, gather=False)
         if self.cache is not None and self.cache.kind == "latent":
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, wkv_b, positions)
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, wkv_b.gathered(), positions)
             return linear(out, wo, n_in=2, fp8=c.fp8)
         kvb = constrain(linear(c_kv, wkv_b, fp8=c.fp8), *HEADS)
         k_nope, v = kvb[..., :p], kvb[..., p:]
