@@ -157,9 +157,11 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: dict, ema: Any = None, wait: bool = False) -> None:
         trees = {"state": state} | ({"ema": ema} if ema is not None else {})
         self._surface(lambda: self.mngr.check_for_errors())
-        need, free = _local_bytes(trees), _free_bytes(self.run.checkpoints)
-        if need * 1.05 + 2**20 > free:
-            self._fail(step, f"it needs about {_mb(need)}")
+        need = _local_bytes(trees)
+        if need * 1.05 + 2**20 > _free_bytes(self.run.checkpoints):
+            self.wait()  # a write in flight finishes (or fails, reported as its own) before this one gives up
+            if need * 1.05 + 2**20 > _free_bytes(self.run.checkpoints):
+                self._fail(step, f"it needs about {_mb(need)}")
         meta = {**meta, "fingerprint": {k: fingerprint(v) for k, v in trees.items()}}
         items = {k: ocp.args.StandardSave(v) for k, v in trees.items()} | {"meta": ocp.args.JsonSave(meta)}
         self._pending = step
@@ -179,7 +181,7 @@ class Checkpoints:
         removed = []
         if jax.process_index() == 0 and self.run.checkpoints.is_dir():
             for p in self.run.checkpoints.iterdir():
-                if p.name.startswith(f"{step}.") or p.name == str(step) or "orbax-checkpoint-tmp" in p.name:
+                if p.name.startswith(f"{step}.") or p.name == str(step):  # its temp folder, or a partial one
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p.name)
         free = _free_bytes(self.run.checkpoints) if self.run.checkpoints.exists() else 0
