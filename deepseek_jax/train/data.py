@@ -22,10 +22,11 @@ rows of the global batch.
 
 Memory: no stage holds more than one document's working set at once, and documents are at most
 ``max_document_chars`` long, so the peak is linear in the corpus and independent of how its text is cut
-into documents: about 0.5 GB + 30 bytes per token (the text, 4 bytes per token of ids, 12 of packed rows,
-one block of packing temporaries, allocator slack). Measured: 3.6 GB peak RSS for one 200 MB document
-plus a 20 MB line of letters (160M tokens, 285 s on 2 cores; ``tests/test_reliability.py``), where a
-50 MB document took 10.7 GB before.
+into documents: at most about 0.5 GB + 60 bytes per token (the text, 4 bytes per token of ids, 12 of
+packed rows, one block of packing temporaries, allocator slack). Measured for one 200 MB document plus a
+20 MB line of letters (160M tokens, 285 s on 2 cores; ``tests/test_reliability.py``): 3.6 GB peak RSS
+in a fresh process, 7.5 GB when started from the end of the test suite; a 50 MB document took 10.7 GB
+before.
 """
 
 from __future__ import annotations
