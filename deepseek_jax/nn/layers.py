@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels import fp8 as fp8_ops
 from deepseek_jax.nn import tree
-from deepseek_jax.parallel.fsdp import fsdp_matmul, fsdp_take
+from deepseek_jax.parallel.fsdp import fsdp_active, fsdp_matmul, fsdp_take
 from deepseek_jax.parallel.rules import constrain, fsdp_gather
 
 __all__ = ["param", "Weight", "linear", "take", "RMSNorm", "MLP"]
@@ -90,8 +90,8 @@ def linear(x: jax.Array, w: jax.Array | Weight, n_in: int = 1, fp8=None) -> jax.
     batch); with ``fp8`` it is gathered first (its 128x128 blocks need the whole matrix).
     """
     if isinstance(w, Weight):
-        if fp8 is None:
-            return fsdp_matmul(x, w.value, n_in, w.names)
+        if fp8 is None and fsdp_active():
+            return fsdp_matmul(x, w.value, n_in, w.names, lambda a, b: linear(a, b, n_in))
         w = w.gathered()
     lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     k = math.prod(ins)
@@ -105,7 +105,9 @@ def linear(x: jax.Array, w: jax.Array | Weight, n_in: int = 1, fp8=None) -> jax.
 def take(table: jax.Array | Weight, ids: jax.Array) -> jax.Array:
     """Embedding rows ``table[ids]`` (``ids[B, ...]``); a :class:`Weight` is looked up shard-locally."""
     if isinstance(table, Weight):
-        return fsdp_take(table.value, ids, table.names)
+        if fsdp_active():
+            return fsdp_take(table.value, ids, table.names)
+        table = table.gathered()
     return jnp.take(table, ids, axis=0)
 
 

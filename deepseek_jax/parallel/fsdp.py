@@ -16,14 +16,14 @@ split over ``fsdp``); an input dim split over ``tensor`` (row parallel) is summe
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.parallel.mesh import BATCH_AXES
-from deepseek_jax.parallel.rules import fsdp_gather, logical_spec
+from deepseek_jax.parallel.rules import logical_spec
 
 __all__ = ["fsdp_active", "fsdp_matmul", "fsdp_take"]
 
@@ -52,26 +52,18 @@ def _gather(w: jax.Array, spec: P) -> jax.Array:
     return w
 
 
-def fsdp_matmul(x: jax.Array, w: jax.Array, n_in: int, names: Sequence[str]) -> jax.Array:
-    """``x[B, ..., i1..in] · w[i1..in, o1..om] -> [B, ..., o1..om]`` with ``w`` stored by its logical
-    ``names`` (see the module docstring). Falls back to gather-then-multiply when FSDP is off."""
-    k = 1
-    for d in w.shape[:n_in]:
-        k *= d
-    if not fsdp_active():
-        w = fsdp_gather(w, names)
-        return (x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)).reshape(x.shape[:x.ndim - n_in] + w.shape[n_in:])
+def fsdp_matmul(x: jax.Array, w: jax.Array, n_in: int, names: Sequence[str],
+                product: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """``product(x, w)`` -- ``x[B, ..., i1..in] · w[i1..in, o1..om] -> [B, ..., o1..om]`` -- per device on its
+    batch rows, with ``w`` stored by its logical ``names`` and gathered inside (see the module docstring).
+    Call it when :func:`fsdp_active`."""
     w_spec = logical_spec(names)
     ins, outs = _feature(w_spec[:n_in]), _feature(w_spec[n_in:])
     lead = (BATCH_AXES,) + (None,) * (x.ndim - n_in - 1)
     row_parallel = "tensor" in ins
 
     def local(xl, wl):
-        wg = _gather(wl, w_spec).astype(xl.dtype)
-        kl = 1
-        for d in wg.shape[:n_in]:
-            kl *= d
-        y = (xl.reshape(-1, kl) @ wg.reshape(kl, -1)).reshape(xl.shape[:xl.ndim - n_in] + wg.shape[n_in:])
+        y = product(xl, _gather(wl, w_spec))
         return jax.lax.psum(y, "tensor") if row_parallel else y
 
     return jax.shard_map(local, in_specs=(P(*lead, *ins), w_spec), out_specs=P(*lead, *outs),
@@ -80,9 +72,8 @@ def fsdp_matmul(x: jax.Array, w: jax.Array, n_in: int, names: Sequence[str]) -> 
 
 def fsdp_take(table: jax.Array, ids: jax.Array, names: Sequence[str]) -> jax.Array:
     """``table[ids]`` for an embedding ``table[V, D]`` stored by ``names`` (vocabulary maybe over ``tensor``,
-    ``D`` over ``fsdp``) and ``ids[B, ...]``: ``[B, ..., D]``, each device looking up its own rows."""
-    if not fsdp_active():
-        return jnp.take(fsdp_gather(table, names), ids, axis=0)
+    ``D`` over ``fsdp``) and ``ids[B, ...]``: ``[B, ..., D]``, each device looking up its own rows. Call it
+    when :func:`fsdp_active`."""
     spec = logical_spec(names)
     vocab_split = spec[0] == "tensor"
     lead = (BATCH_AXES,) + (None,) * (ids.ndim - 1)
