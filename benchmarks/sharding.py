@@ -33,7 +33,7 @@ LAYOUTS = ["data=8", "fsdp=8", "expert=8", "tensor=2,expert=4", "data=2,fsdp=2,e
 
 
 def _measure(cfg, layout: str, args) -> dict:
-    mesh = S.make_mesh(layout)
+    mesh = S.make_mesh({}, jax.devices()[:1]) if layout == "1 device" else S.make_mesh(layout)
     fns = make_train_fns(cfg, StepConfig(args.batch, args.seq, steps=10_000, remat=args.remat), Pretrain(), mesh)
     rng = np.random.RandomState(0)
     rows = {"tokens": rng.randint(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32),
@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = dsj.load_config(args.config)
     rows = []
-    for layout in ["data=1"] + LAYOUTS:
+    for layout in ["1 device"] + LAYOUTS:
         rows.append(_measure(cfg, layout, args))
         print(rows[-1], file=sys.stderr)
     if args.markdown:

@@ -269,3 +269,85 @@ def test_generate_on_a_mesh_equals_one_device(tiny_cfg, tiny_vars):
     assert dsj.generate(tiny_cfg, tiny_vars, prompts, 6, mesh=mesh, speculative=True) == one
     with pytest.raises(ValueError, match="global batch 3 is not divisible"):
         dsj.generate(tiny_cfg, tiny_vars, prompts[:3], 6, mesh=mesh)
+
+
+def _host_loop_generate(cfg, variables, prompts, max_new, temperature=0.0, top_k=None, top_p=None, seed=0,
+                        speculative=False, eos_id=-1, mesh=None):
+    """Reference: the Python decode loop ``generate`` had before decoding moved on device, transcribed: one
+    jitted step per token (or per speculative step) dispatched from the host, tokens pulled back after each,
+    the same key schedule. Returns ``(tokens per row, stats)``."""
+    from deepseek_jax.infer import engine as E
+
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    size = E._cache_size(cfg, int(lengths.max()), max_new, speculative, None)
+    fns = E._steps(cfg, G.cache_config(cfg, size), float(temperature), top_k, top_p)
+    width = -(-int(lengths.max()) // 16) * 16
+    tokens = np.zeros((b, width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    emit, st = E._Emitter(b, max_new, eos_id), {"steps": 0, "drafted": 0, "accepted": 0}
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        v = E._decode_layout(cfg, dsj.sharding.shard_variables(cfg, variables, mesh) if mesh is not None else variables)
+        put = E._placer(mesh)
+        cache = G.init_cache(cfg, b, size, mesh=mesh, stacked=False)
+        key, k0 = jax.random.split(jax.random.key(seed))
+        tok, hidden, cache = fns.prefill(v, cache, put(tokens), put(lengths), k0)
+        first = np.asarray(tok)
+        emit([[int(t)] for t in first])
+        if not speculative:
+            tok_np, pos = first, lengths.copy()
+            while not emit.done.all():
+                key, k = jax.random.split(key)
+                tok, cache = fns.step(v, cache, put(tok_np[:, None]), put(pos[:, None]), k)
+                tok_np, pos, st["steps"] = np.asarray(tok), pos + 1, st["steps"] + 1
+                emit([[int(t)] for t in tok_np])
+            return emit.out, st
+        nxt = np.zeros((b, width), np.int32)
+        nxt[:, :-1] = tokens[:, 1:]
+        nxt[np.arange(b), lengths - 1] = first
+        key, k = jax.random.split(key)
+        cache, drafted, q_logp, h_prev = fns.spec_start(v, cache, hidden, put(nxt), put(lengths), k)
+        last, pos = put(first), put(lengths.copy())
+        while not emit.done.all():
+            key, k = jax.random.split(key)
+            old = drafted
+            cache, accept, bonus, drafted, pos, h_prev, q_logp = fns.spec_step(v, cache, last, drafted, pos, h_prev,
+                                                                               q_logp, k)
+            last = bonus
+            acc, bon, dr = (np.asarray(a) for a in (accept, bonus, old))
+            active = ~emit.done
+            st["steps"] += 1
+            st["drafted"] += int(active.sum())
+            st["accepted"] += int((acc & active).sum())
+            emit([[int(dr[i]), int(bon[i])] if acc[i] else [int(bon[i])] for i in range(b)])
+    return emit.out, st
+
+
+GREEDY, SAMPLED = {}, {"temperature": 0.9, "top_k": 50, "top_p": 0.9, "seed": 3}
+SPEC_GREEDY, SPEC_SAMPLED = {"speculative": True}, {"speculative": True, "temperature": 0.8, "seed": 5}
+
+
+@pytest.mark.parametrize("layout,variants", [("single", (GREEDY, SAMPLED, SPEC_GREEDY, SPEC_SAMPLED)),
+                                             ("mesh", (GREEDY, SPEC_SAMPLED))])
+def test_on_device_decode_equals_the_host_loop(layout, variants, tiny_cfg, tiny_vars):
+    """Greedy, sampled with a seed (top-k and top-p) and speculative (greedy and sampled), with EOS stops and
+    ragged prompts: the on-device loop (one call, and streamed in chunks) gives the host loop's tokens and
+    step counts."""
+    mesh = dsj.sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2}) if layout == "mesh" else None
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [10, 11]]
+    n = 19  # more than two streaming chunks
+    for kw in variants:
+        ref, ref_st = _host_loop_generate(tiny_cfg, tiny_vars, prompts, n, mesh=mesh, **kw)
+        eos = ref[1][5]  # a token that stops row 1 early (and maybe others)
+        ref_eos, _ = _host_loop_generate(tiny_cfg, tiny_vars, prompts, n, mesh=mesh, eos_id=eos, **kw)
+        assert ref_eos[1] == ref[1][:ref[1].index(eos)]
+        st = {}
+        assert dsj.generate(tiny_cfg, tiny_vars, prompts, n, mesh=mesh, eos_id=-1, stats=st, **kw) == ref, kw
+        assert {k: st[k] for k in ref_st} == ref_st, kw
+        assert dsj.generate(tiny_cfg, tiny_vars, prompts, n, mesh=mesh, eos_id=eos, **kw) == ref_eos, kw
+        if kw in (GREEDY, SPEC_SAMPLED):  # streaming: calls of STREAM_CHUNK steps
+            streamed = []
+            got = dsj.generate(tiny_cfg, tiny_vars, prompts, n, mesh=mesh, eos_id=-1, on_tokens=streamed.append, **kw)
+            assert got == ref and len(streamed) >= 3, kw
+            assert [sum((c[i] for c in streamed), []) for i in range(len(prompts))] == ref

@@ -40,25 +40,29 @@ def cache_axes(path, ndim: int) -> tuple[str | None, ...]:
 
 
 @functools.lru_cache(maxsize=32)
-def _cache_shapes(cfg: ModelConfig, batch: int, cc: CacheConfig):
+def _cache_shapes(cfg: ModelConfig, batch: int, cc: CacheConfig, stacked: bool):
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     variables = nn.meta.unbox(abstract_variables(cfg))
+    if not stacked:
+        variables = jax.eval_shape(tree.unstack_layers, variables)
 
     def run(v, t):
-        out = Transformer(cfg, cache=cc).apply(v, t, jnp.zeros(t.shape, jnp.int32), mutable=[tree.CACHE])
+        out = Transformer(cfg, cache=cc, stacked=stacked).apply(v, t, jnp.zeros(t.shape, jnp.int32),
+                                                                mutable=[tree.CACHE])
         return out[1][tree.CACHE]
 
     return jax.eval_shape(run, variables, tokens)
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, kind: str = "latent", dtype: str | None = None,
-               mesh: Mesh | None = None) -> dict:
+               mesh: Mesh | None = None, stacked: bool = True) -> dict:
     """A zero cache for ``batch`` sequences of up to ``size`` positions (main model and MTP modules).
 
     ``kind``: ``"latent"`` or ``"naive"`` (MLA); ``dtype``: storage dtype (default ``cfg.dtype``) or ``"fp8"``.
     With a ``mesh`` the cache is born sharded: the batch like activations, per-head K/V heads over ``tensor``.
+    ``stacked=False``: one array per layer, for ``Transformer(cfg, stacked=False)`` (what ``generate`` runs).
     """
-    shapes = _cache_shapes(cfg, batch, cache_config(cfg, size, kind, dtype))
+    shapes = _cache_shapes(cfg, batch, cache_config(cfg, size, kind, dtype), stacked)
 
     def zeros():
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -1,4 +1,5 @@
-"""The decode engine: jitted prefill and decode steps, the generation loop, MTP speculative decoding.
+"""The decode engine: a jitted prefill, then decoding as one on-device ``lax.while_loop`` (plain or MTP
+speculative) with sampling, per-row EOS stops and the cache inside: no Python dispatch per token.
 
 * **Caches** (:mod:`deepseek_jax.infer.cache`) are the model's cache collection; with the MLA
   ``"latent"`` cache attention runs in the absorbed form.
@@ -30,11 +31,14 @@ from deepseek_jax.infer.cache import cache_config, init_cache
 from deepseek_jax.infer.sampling import check_sampler, processed_logprobs, sample, speculative_accept
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention import CacheConfig
+from deepseek_jax.nn.attention.mla import absorbed_weights
 from deepseek_jax.nn.placement import check_layout, shard_variables
 from deepseek_jax.nn.transformer import Transformer, check_tokens
 from deepseek_jax.parallel.rules import batch_spec
 
-__all__ = ["generate"]
+__all__ = ["generate", "STREAM_CHUNK"]
+
+STREAM_CHUNK = 8  # decode steps per on-device loop call when the caller streams (``on_tokens``)
 
 
 class _Steps:
@@ -42,7 +46,7 @@ class _Steps:
     changes the input shardings, which ``jax.jit`` specialises on by itself."""
 
     def __init__(self, cfg: ModelConfig, cc: CacheConfig, temperature: float, top_k, top_p):
-        model = Transformer(cfg, cache=cc)
+        model = Transformer(cfg, cache=cc, stacked=False)
         samp = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
         self.logp = functools.partial(processed_logprobs, temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p)
 
@@ -101,9 +105,90 @@ class _Steps:
             return cache, accept, bonus, samp(q[:, 1], k_draft), new_pos, h_next, logp(q[:, 1])
 
         self.prefill = jax.jit(prefill, donate_argnums=1)
-        self.step = jax.jit(step, donate_argnums=1)
         self.spec_start = jax.jit(spec_start, donate_argnums=1)
+        # single steps: the loops' bodies, kept jitted for host-driven reference loops (tests)
+        self.step = jax.jit(step, donate_argnums=1)
         self.spec_step = jax.jit(spec_step, donate_argnums=1)
+        self.plain_loop = jax.jit(_plain_loop_fn(step), donate_argnums=1, static_argnames="chunk")
+        self.spec_loop = jax.jit(_spec_loop_fn(spec_step), donate_argnums=1, static_argnames="chunk")
+
+
+def _plain_loop_fn(step):
+    """The on-device plain decode loop around one jitted ``step``."""
+
+    def plain_loop(variables, cache, state, eos, max_new, chunk):
+        """Up to ``chunk`` decode steps as one ``while_loop`` on device, stopping early once every row
+        is done; ``state``: ``tok [b]`` (emitted, not yet in the cache), ``pos [b]``, ``key``,
+        ``done [b]``, ``count [b]`` (tokens emitted). Returns ``(steps, state, cache, tokens [b, chunk])``."""
+
+        def body(c):
+            i, s, cache, buf = c
+            key, k = jax.random.split(s["key"])
+            tok, cache = step(variables, cache, s["tok"][:, None], s["pos"][:, None], k)
+            done, count = _advance(s["done"], s["count"], tok, eos, max_new)
+            s = {**s, "tok": tok, "pos": s["pos"] + 1, "key": key, "done": done, "count": count}
+            return i + 1, s, cache, jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], i, 1)
+
+        buf = jnp.zeros((state["tok"].shape[0], chunk), jnp.int32)
+        return jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1]["done"]), body,
+                                  (jnp.int32(0), state, cache, buf))
+
+    return plain_loop
+
+
+def _spec_loop_fn(spec_step):
+    """The on-device speculative decode loop around one ``spec_step``."""
+
+    def spec_loop(variables, cache, state, eos, max_new, chunk):
+        """Up to ``chunk`` speculative steps as one ``while_loop``; each row writes the tokens a step
+        emits (``[draft, bonus]`` or ``[bonus]``) at its own offset ``n [b]`` of ``tokens [b, 2 chunk]``.
+        ``state`` adds ``last, drafted, h_prev, q_logp`` and the counters ``n_drafted, n_accepted`` (over
+        rows still active at the step's start). Returns ``(steps, state, cache, tokens, n)``."""
+        b = state["last"].shape[0]
+        rows = jnp.arange(b)
+
+        def body(c):
+            i, s, cache, buf, n = c
+            key, k = jax.random.split(s["key"])
+            cache, accept, bonus, drafted, pos, h_prev, q_logp = spec_step(
+                variables, cache, s["last"], s["drafted"], s["pos"], s["h_prev"], s["q_logp"], k)
+            active = ~s["done"]
+            first = jnp.where(accept, s["drafted"], bonus)
+            done, count = _advance(s["done"], s["count"], first, eos, max_new)
+            done2, count2 = _advance(done, count, bonus, eos, max_new)
+            buf = buf.at[rows, n].set(first).at[rows, n + 1].set(bonus)
+            s = {"last": bonus, "drafted": drafted, "pos": pos, "h_prev": h_prev, "q_logp": q_logp, "key": key,
+                 "done": jnp.where(accept, done2, done), "count": jnp.where(accept, count2, count),
+                 "n_drafted": s["n_drafted"] + active.sum(dtype=jnp.int32),
+                 "n_accepted": s["n_accepted"] + (accept & active).sum(dtype=jnp.int32)}
+            return i + 1, s, cache, buf, n + 1 + accept.astype(jnp.int32)
+
+        buf = jnp.zeros((b, 2 * chunk), jnp.int32)
+        return jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1]["done"]), body,
+                                  (jnp.int32(0), state, cache, buf, jnp.zeros(b, jnp.int32)))
+
+    return spec_loop
+
+
+def _advance(done, count, tok, eos, max_new):
+    """A row that is not done emits ``tok``: EOS ends it (not counted), otherwise it counts, and reaching
+    ``max_new`` tokens ends it (the host's ``_Emitter`` applies the same rule)."""
+    stop = ~done & (tok == eos)
+    count = count + (~done & ~stop).astype(count.dtype)
+    return done | stop | (count >= max_new), count
+
+
+def decode_layout(cfg: ModelConfig, variables: dict) -> dict:
+    """``variables`` in the layout the decode loop reads (``Transformer(cfg, stacked=False)``): one sub-tree per
+    layer, plus the absorbed MLA weights (``"decode"`` collection). A copy, made once per ``generate`` call:
+    inside a loop XLA:CPU would otherwise copy every layer's weights out of the stacks at every step."""
+    v = tree.unstack_layers(variables)
+    if cfg.attention.kind == "mla":
+        v[tree.DECODE] = absorbed_weights(v[tree.PARAMS], cfg.attention.qk_nope_head_dim)
+    return v
+
+
+_decode_layout = jax.jit(decode_layout, static_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -204,9 +289,11 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     ``mesh``: variables and cache sharded on it (batch over ``data, fsdp, expert``). ``speculative``:
     MTP draft + one-forward verification (needs ``mtp.depth >= 1``); the result equals plain decoding
     (greedy) or has its distribution (sampling). ``cache_kind`` ``"latent"`` (absorbed MLA) or ``"naive"``;
-    ``cache_dtype`` e.g. ``"fp8"``. ``on_tokens(new)`` is called after every step with the tokens each row
-    gained (streaming). ``stats``, if given, receives ``steps`` (main-model forwards after the prefill),
-    ``drafted``, ``accepted``, ``acceptance_rate``, ``tokens_per_forward``.
+    ``cache_dtype`` e.g. ``"fp8"``. Decoding runs on device as one ``while_loop`` (the whole budget in one
+    call); with ``on_tokens(new)`` (streaming) it runs in calls of ``STREAM_CHUNK`` steps and ``on_tokens``
+    receives the tokens each row gained after every call. ``stats``, if given, receives ``steps``
+    (main-model forwards after the prefill), ``drafted``, ``accepted``, ``acceptance_rate``,
+    ``tokens_per_forward``.
     """
     ids = _check_prompts(cfg, prompts, max_new_tokens)
     if speculative and not cfg.mtp.depth:
@@ -228,16 +315,16 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         if mesh is not None:
             variables = shard_variables(cfg, variables, mesh)
+        variables = _decode_layout(cfg, variables)
         put = _placer(mesh)
-        cache = init_cache(cfg, b, size, cache_kind, cache_dtype, mesh)
+        cache = init_cache(cfg, b, size, cache_kind, cache_dtype, mesh, stacked=False)
         key, k0 = jax.random.split(jax.random.key(seed))
         tok, hidden, cache = fns.prefill(variables, cache, put(tokens), put(lengths), k0)
-        first = np.asarray(tok)
-        emit([[int(t)] for t in first])
+        emit([[int(t)] for t in np.asarray(tok)])
         if speculative:
-            _speculative_loop(fns, variables, cache, tokens, lengths, first, hidden, key, put, emit, st)
+            _speculative_loop(fns, variables, cache, tokens, lengths, tok, hidden, key, put, emit, st, size)
         else:
-            _plain_loop(fns, variables, cache, lengths, first, key, put, emit, st)
+            _plain_loop(fns, variables, cache, tok, lengths, key, put, emit, st, size)
     # per sequence and main-model forward: 1 token, plus the accepted draft when speculating
     st["tokens_per_forward"] = 1.0 + (st["accepted"] / st["drafted"] if st["drafted"] else 0.0)
     st["acceptance_rate"] = st["accepted"] / st["drafted"] if st["drafted"] else None
@@ -246,37 +333,45 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     return emit.out
 
 
-def _plain_loop(fns: _Steps, variables, cache, lengths, first, key, put, emit: _Emitter, st: dict) -> None:
-    """One decode step per token until every row is done."""
-    tok_np, pos = first, lengths.copy()
+def _chunk(size: int, streaming: bool) -> int:
+    """Decode steps per on-device loop call: the whole budget at once (a cache of ``size`` positions never
+    needs more steps), or ``STREAM_CHUNK`` when a caller streams."""
+    return min(STREAM_CHUNK, size) if streaming else size
+
+
+def _plain_loop(fns: _Steps, variables, cache, first, lengths, key, put, emit: _Emitter, st: dict, size: int) -> None:
+    """Decode on device in chunks until every row is done; each chunk's tokens go to the emitter at once."""
+    state = {"tok": first, "pos": put(lengths.copy()), "key": key, "done": put(emit.done.copy()),
+             "count": put(np.array([len(o) for o in emit.out], np.int32))}
+    chunk = _chunk(size, emit.on_tokens is not None)
+    eos, max_new = np.int32(-1 if emit.eos is None else emit.eos), np.int32(emit.max_new)
     while not emit.done.all():
-        key, k = jax.random.split(key)
-        tok, cache = fns.step(variables, cache, put(tok_np[:, None]), put(pos[:, None]), k)
-        tok_np = np.asarray(tok)
-        pos += 1
-        st["steps"] += 1
-        emit([[int(t)] for t in tok_np])
+        steps, state, cache, buf = fns.plain_loop(variables, cache, state, eos, max_new, chunk=chunk)
+        steps, buf = int(steps), np.asarray(buf)
+        st["steps"] += steps
+        emit([[int(t) for t in row[:steps]] for row in buf])
 
 
 def _speculative_loop(fns: _Steps, variables, cache, tokens, lengths, first, hidden, key, put, emit: _Emitter,
-                      st: dict) -> None:
-    """Draft with MTP module 1, verify ``[last, draft]`` in one forward, accept or correct (see module doc)."""
+                      st: dict, size: int) -> None:
+    """Draft with MTP module 1, verify ``[last, draft]`` in one forward, accept or correct (see module doc),
+    on device in chunks of steps."""
     b, width = tokens.shape
+    first_np = np.asarray(first)
     nxt = np.zeros((b, width), np.int32)
     nxt[:, :-1] = tokens[:, 1:]
-    nxt[np.arange(b), lengths - 1] = first  # t_L: the first generated token
+    nxt[np.arange(b), lengths - 1] = first_np  # t_L: the first generated token
     key, k = jax.random.split(key)
     cache, drafted, q_logp, h_prev = fns.spec_start(variables, cache, hidden, put(nxt), put(lengths), k)
-    last, pos = put(first.astype(np.int32)), put(lengths.copy())  # ``last``: emitted, not yet in the main cache
+    # ``last``: emitted, not yet in the main cache
+    state = {"last": first, "drafted": drafted, "pos": put(lengths.copy()), "h_prev": h_prev, "q_logp": q_logp,
+             "key": key, "done": put(emit.done.copy()), "count": put(np.array([len(o) for o in emit.out], np.int32)),
+             "n_drafted": jnp.int32(0), "n_accepted": jnp.int32(0)}
+    chunk = _chunk(size, emit.on_tokens is not None)
+    eos, max_new = np.int32(-1 if emit.eos is None else emit.eos), np.int32(emit.max_new)
     while not emit.done.all():
-        key, k = jax.random.split(key)
-        old_draft = drafted
-        cache, accept, bonus, drafted, pos, h_prev, q_logp = fns.spec_step(variables, cache, last, drafted, pos,
-                                                                           h_prev, q_logp, k)
-        last = bonus
-        acc, bon, dr = (np.asarray(a) for a in (accept, bonus, old_draft))
-        st["steps"] += 1
-        active = ~emit.done
-        st["drafted"] += int(active.sum())
-        st["accepted"] += int((acc & active).sum())
-        emit([[int(dr[i]), int(bon[i])] if acc[i] else [int(bon[i])] for i in range(b)])
+        steps, state, cache, buf, n = fns.spec_loop(variables, cache, state, eos, max_new, chunk=chunk)
+        buf, n = np.asarray(buf), np.asarray(n)
+        st["steps"] += int(steps)
+        emit([[int(t) for t in buf[i, :n[i]]] for i in range(b)])
+    st["drafted"], st["accepted"] = int(state["n_drafted"]), int(state["n_accepted"])

@@ -19,6 +19,10 @@ The pairs are sorted by expert once (:func:`routed_experts`), then one kernel of
   used-block count, with a custom VJP). For buffers sized for the worst case and mostly empty, as
   the expert-parallel receive buffers are.
 
+* ``"gather"`` (the default when there are fewer (token, expert) pairs than experts, i.e. decoding a
+  few sequences): each pair's expert weights are gathered and multiplied with its token, so a step
+  reads the ``m`` experts it uses, not all ``e`` (and no ``[w1 | w3]`` copy is made).
+
 Expert ids ``>= e`` mean "no expert": such (token, slot) pairs are not computed and contribute zero.
 CPU notes: XLA:CPU runs scatter-adds serially, so rows move through gathers whose transposes are
 gathers (:func:`_take_rows`), and expert weights are selected by a one-hot matmul.
@@ -322,13 +326,29 @@ KERNELS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
+def _gather_kernel(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
+                   w2: jax.Array) -> jax.Array:
+    """The ``"gather"`` kernel: ``y [n, d] = sum_j weights[:, j] FFN_{experts[:, j]}(x)`` with each pair's
+    expert weights gathered (``[m, d, f]``): reads only the experts in use."""
+    n, k = experts.shape
+    e = w1.shape[0]
+    idx = jnp.minimum(experts, e - 1).reshape(-1)
+    xs = jnp.repeat(x, k, axis=0)  # [m, d]: pair (i, j) -> token i
+    h1 = jnp.einsum("md,mdf->mf", xs, w1[idx])
+    h3 = jnp.einsum("md,mdf->mf", xs, w3[idx])
+    y = jnp.einsum("mf,mfd->md", jax.nn.silu(h1) * h3, w2[idx]).reshape(n, k, -1)
+    gate = jnp.where(experts < e, weights, 0).astype(x.dtype)
+    return jnp.einsum("nkd,nk->nd", y, gate)
+
+
 def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                    w2: jax.Array, impl: str | None = None, block: int | None = None,
                    fp8=None, main_capacity: float = 1.0) -> jax.Array:
     """Dropless routed experts: ``x [n, d]``, ``weights/experts [n, k]``, ``w1/w3 [e, d, f]``, ``w2 [e, f, d]``.
 
     Returns ``sum_j weights[:, j] * FFN_{experts[:, j]}(x)`` as ``[n, d]``; ids ``>= e`` contribute zero.
-    ``impl``: a key of :data:`KERNELS`, default :func:`grouped_gemm_impl`; ``block`` (rows per block of the
+    ``impl``: a key of :data:`KERNELS` or ``"gather"``; by default ``"gather"`` when ``m = n k < e`` (no
+    FP8), else :func:`grouped_gemm_impl`; ``block`` (rows per block of the
     block kernels and of the capacity kernel's overflow loop) defaults to :func:`default_block`;
     ``main_capacity``: the capacity kernel's batched rows per expert as a multiple of the mean load
     (:func:`capacity_rows`). ``fp8`` (an ``FP8Config``): the grouped GEMMs take FP8 activations (1x128
@@ -336,12 +356,14 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
     FP8 grid (:func:`deepseek_jax.kernels.fp8.quantize_weight`, as the MoE layer does before dispatch). FP8
     runs the ``"blocks"`` kernel where ``"capacity"`` is asked for (its overflow loop has no FP8 form).
     """
+    e, m = w1.shape[0], experts.size
+    if impl == "gather" or (impl is None and fp8 is None and m < e):
+        return _gather_kernel(x, weights, experts, w1, w3, w2)
     impl = impl or grouped_gemm_impl()
     if impl == "capacity" and fp8 is not None:
         impl = "blocks"
     if impl not in KERNELS:
-        raise ValueError(f"impl={impl!r} must be one of {sorted(KERNELS)}")
-    e, m = w1.shape[0], experts.size
+        raise ValueError(f"impl={impl!r} must be one of {sorted(KERNELS) + ['gather']}")
     w13 = jnp.concatenate([w1, w3], axis=-1)
     return KERNELS[impl](x, weights, _sort_pairs(experts, e), w13, w2, block=block or default_block(m, e),
                          fp8=fp8, main_capacity=main_capacity)

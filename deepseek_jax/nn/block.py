@@ -23,7 +23,7 @@ from deepseek_jax.nn.moe import MoE
 from deepseek_jax.parallel.rules import constrain
 
 __all__ = ["ACT", "REMAT_POLICIES", "DEEPSEEK_SAVED", "remat_policy", "DecoderLayer", "MTPModule", "layer_cls",
-           "scan_unroll", "layer_stack"]
+           "scan_unroll", "layer_stack", "LayerList"]
 
 
 class DecoderLayer(nn.Module):
@@ -84,8 +84,31 @@ def scan_unroll(unroll: int, length: int, remat: str = "none") -> int:
     return max(1, min(unroll or auto, length))
 
 
+class LayerList(nn.Module):
+    """``length`` decoder layers as separate modules ``layer_0 ..`` (the unstacked layout of
+    :func:`~deepseek_jax.nn.tree.unstack_layers`, for decoding): same call and result as the scanned stack,
+    ``(x, loads [length, e] | None)``."""
+
+    cfg: ModelConfig
+    moe: bool
+    length: int
+    cache: CacheConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        loads = []
+        for i in range(self.length):
+            x, load = DecoderLayer(self.cfg, self.moe, self.cache, name=tree.layer_name(i))(x, positions, segment_ids)
+            loads.append(load)
+        return x, (jnp.stack(loads) if self.moe else None)
+
+
 def layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str, remat: str = "none",
-                 unroll: int = 0, cache: CacheConfig | None = None) -> nn.Module:
+                unroll: int = 0, cache: CacheConfig | None = None, stacked: bool = True) -> nn.Module:
+    """The ``length`` layers of one stack: an ``nn.scan`` over stacked parameters, or (``stacked=False``,
+    decoding) a :class:`LayerList`."""
+    if not stacked:
+        return LayerList(cfg, moe, length, cache, name=name)
     scanned = nn.scan(
         layer_cls(remat),
         variable_axes={tree.PARAMS: 0, tree.ROUTER: 0, tree.INTERMEDIATES: 0, tree.FP8_SCALE: 0, tree.CACHE: 0},

@@ -71,12 +71,14 @@ class Transformer(nn.Module):
     and ``positions`` must be given (slot = position). ``with_mtp=False`` skips the MTP modules;
     ``draft_from=h [b, t, d]`` runs only MTP module 1 on ``(h, Emb(tokens))`` -- ``tokens`` being the
     *next* tokens ``t_{i+1}`` -- and returns its logits (predicting ``t_{i+2}``) and hidden state.
+    ``stacked=False`` expects the per-layer layout of :func:`~deepseek_jax.nn.tree.unstack_layers` (decoding).
     """
 
     cfg: ModelConfig
     remat: str = "none"
     scan_unroll: int = 0
     cache: CacheConfig | None = None
+    stacked: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, with_mtp: bool = True,
@@ -108,10 +110,10 @@ class Transformer(nn.Module):
         loads = []
         if c.n_dense_layers:
             x, _ = layer_stack(c, False, c.n_dense_layers, tree.DENSE_STACK, self.remat, self.scan_unroll,
-                                self.cache)(x, positions, segment_ids)
+                                self.cache, self.stacked)(x, positions, segment_ids)
         if c.n_moe_layers:
             x, load = layer_stack(c, True, c.n_moe_layers, tree.MOE_STACK, self.remat, self.scan_unroll,
-                                   self.cache)(x, positions, segment_ids)
+                                   self.cache, self.stacked)(x, positions, segment_ids)
             loads.append(load)
         h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(x)
         logits = constrain(linear(h, head).astype(jnp.float32), "act_batch", "act_length", "act_vocab")

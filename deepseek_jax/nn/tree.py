@@ -7,9 +7,12 @@ Layout of ``Transformer(cfg).init(...)`` (collections at the top)::
                  attn_norm, attn/{wq_a, q_norm, wq_b | wq, wkv_a, kv_norm, wkv_b, wo} (or wq, wk, wv, wo),
                  ffn_norm, ffn/{w1, w3, w2} (dense) or ffn/{router, w1, w3, w2, shared/{w1, w3, w2}} (MoE)
              mtp_0/ ... mtp_{D-1}/  enorm, hnorm, eh_proj, layer/ (one decoder layer), final_norm
+             (decoding: :func:`unstack_layers` gives each stack one sub-tree per layer,
+             ``dense_layers/layer_0/...``, without the leading axis)
     router/  moe_layers/ffn/e_score_correction_bias [L, e], mtp_k/layer/ffn/e_score_correction_bias [e]
     cache/   (inference) the same module paths, each attention's cache arrays
     fp8_scale/  (kept-FP8 checkpoints) block scales beside their weights
+    decode/  (decoding, unstacked layers only) weights re-laid-out once for the absorbed MLA products
 
 Everything that walks the tree (optimizer masks, balancing, FLOPs and parameter counts, cache layouts)
 asks this module instead of matching strings.
@@ -21,14 +24,15 @@ from typing import Any, Sequence
 
 import jax
 
-__all__ = ["PARAMS", "ROUTER", "CACHE", "FP8_SCALE", "INTERMEDIATES", "MODEL_COLLECTIONS", "DENSE_STACK",
+__all__ = ["PARAMS", "ROUTER", "CACHE", "FP8_SCALE", "INTERMEDIATES", "DECODE", "MODEL_COLLECTIONS", "DENSE_STACK",
            "MOE_STACK", "STACKS", "EMBED", "HEAD", "FFN", "SHARED", "MTP_LAYER", "ROUTER_WEIGHT", "ROUTER_BIAS", "BALANCE",
-           "DROPPED_ROWS", "DISPATCHED_ROWS", "mtp_name", "is_mtp", "keys", "is_stacked", "is_norm",
+           "DROPPED_ROWS", "DISPATCHED_ROWS", "mtp_name", "layer_name", "unstack_layers", "is_mtp", "keys", "is_stacked", "is_norm",
            "is_routed_expert", "is_embedding", "split_mtp", "model_variables", "collect", "router_biases",
            "replace_router_biases"]
 
 # collections
 PARAMS, ROUTER, CACHE, FP8_SCALE, INTERMEDIATES = "params", "router", "cache", "fp8_scale", "intermediates"
+DECODE = "decode"
 MODEL_COLLECTIONS = (PARAMS, ROUTER, FP8_SCALE)  # what a forward pass reads (no cache, no sown values)
 
 # module and parameter names
@@ -39,6 +43,7 @@ ROUTED_WEIGHTS = ("w1", "w2", "w3")
 ROUTER_WEIGHT = "router"  # the MoE gate's [d, e] kernel in params (not the collection of the same name)
 ROUTER_BIAS = "e_score_correction_bias"
 _MTP = "mtp_"
+_LAYER = "layer_"  # one layer of an unstacked stack
 
 # values the MoE layers sow into "intermediates"
 BALANCE, DROPPED_ROWS, DISPATCHED_ROWS = "balance", "dropped_rows", "dispatched_rows"
@@ -47,6 +52,26 @@ BALANCE, DROPPED_ROWS, DISPATCHED_ROWS = "balance", "dropped_rows", "dispatched_
 def mtp_name(k: int) -> str:
     """Module name of MTP depth ``k + 1`` (``k`` counts from 0)."""
     return f"{_MTP}{k}"
+
+
+def layer_name(i: int) -> str:
+    """Name of layer ``i`` of an unstacked stack (decoding, see :func:`unstack_layers`)."""
+    return f"{_LAYER}{i}"
+
+
+def unstack_layers(variables: dict) -> dict:
+    """``variables`` (any collections) with every scanned stack ``[L, ...]`` split into ``L`` per-layer
+    sub-trees ``layer_0 .. layer_{L-1}``: the layout of ``Transformer(cfg, stacked=False)``. A decode step
+    inside a loop then reads each weight where it lies, where slicing a stack would copy every weight once
+    per step (XLA materialises the slices)."""
+    out = {}
+    for col, sub in variables.items():
+        out[col] = dict(sub)
+        for stack in STACKS:
+            if stack in sub:
+                n = jax.tree.leaves(sub[stack])[0].shape[0]
+                out[col][stack] = {layer_name(i): jax.tree.map(lambda x, i=i: x[i], sub[stack]) for i in range(n)}
+    return out
 
 
 def is_mtp(name: str) -> bool:
@@ -59,9 +84,10 @@ def keys(path: Sequence[Any]) -> tuple[str, ...]:
 
 
 def is_stacked(path: Sequence[Any]) -> bool:
-    """True for leaves of a scanned layer stack (they carry a leading ``layers`` axis). ``path`` starts
-    below the collection."""
-    return bool(path) and keys(path)[0] in STACKS
+    """True for leaves of a scanned layer stack (they carry a leading ``layers`` axis; not once
+    :func:`unstack_layers` split it). ``path`` starts below the collection."""
+    ks = keys(path)
+    return bool(ks) and ks[0] in STACKS and not (len(ks) > 1 and ks[1].startswith(_LAYER))
 
 
 def is_norm(path: Sequence[Any]) -> bool:

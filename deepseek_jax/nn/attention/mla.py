@@ -29,13 +29,29 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
 from deepseek_jax.nn.attention.common import HEADS, attention_mask, masked_softmax
 from deepseek_jax.nn.layers import RMSNorm, linear, param
 from deepseek_jax.nn.rope import apply_rope
 from deepseek_jax.parallel.rules import constrain
 
-__all__ = ["MLA"]
+__all__ = ["MLA", "absorbed_weights"]
+
+
+def absorbed_weights(params: dict, qk_nope_head_dim: int) -> dict:
+    """The ``"decode"`` collection for a per-layer (unstacked) ``params`` tree: for every MLA ``wkv_b
+    [c, n, p+v]``, ``w_uk [n, p, c]`` and ``w_uv [n, c, v]`` at the same path, heads leading, so the absorbed
+    products run as batched matmuls on the weights where they lie (read from ``Wkv_b`` directly, XLA:CPU
+    copies a transposed ``W_UK`` and ``W_UV`` out of it at every decode step). Stacked layers are skipped."""
+    out = {}
+    for k, v in params.items():
+        if k == "wkv_b" and getattr(v, "ndim", 0) == 3:
+            out["w_uk"] = jnp.transpose(v[..., :qk_nope_head_dim], (1, 2, 0))
+            out["w_uv"] = jnp.transpose(v[..., qk_nope_head_dim:], (1, 0, 2))
+        elif isinstance(v, dict) and (sub := absorbed_weights(v, qk_nope_head_dim)):
+            out[k] = sub
+    return out
 
 
 class MLA(nn.Module):
@@ -101,11 +117,16 @@ class MLA(nn.Module):
         """Attention against the latent cache ``[c_kv | k_rope]`` with ``W_UK``/``W_UV`` absorbed: ``[b, t, n, v]``."""
         c = self.cfg
         p, kc = c.attention.qk_nope_head_dim, c.attention.kv_lora_rank
-        latent = cache_update(self, "kv", jnp.concatenate([c_kv, k_rope], -1), positions, self.cache)
-        ckv, kpe = latent[..., :kc], latent[..., kc:]  # [b, S, c], [b, S, r]
-        w = wkv_b.astype(q_nope.dtype)
-        q_lat = jnp.einsum("btnp,cnp->btnc", q_nope, w[..., :p])
-        scores = jnp.einsum("btnc,bsc->bnts", q_lat, ckv) + jnp.einsum("btnr,bsr->bnts", q_rope, kpe)
+        latent = cache_update(self, "kv", jnp.concatenate([c_kv, k_rope], -1), positions, self.cache)  # [b, S, c+r]
+        dt = q_nope.dtype
+        if self.has_variable(tree.DECODE, "w_uk"):  # laid out once for decoding (see absorbed_weights)
+            w_uk, w_uv = (self.get_variable(tree.DECODE, k).astype(dt) for k in ("w_uk", "w_uv"))
+        else:
+            w = wkv_b.astype(dt)
+            w_uk, w_uv = jnp.transpose(w[..., :p], (1, 2, 0)), jnp.transpose(w[..., p:], (1, 0, 2))
+        q_lat = jnp.einsum("btnp,npc->btnc", q_nope, w_uk)
+        # one product with the whole cache row [c_kv | k_rope] (slicing the cache would copy it every step)
+        scores = jnp.einsum("bsl,btnl->bnts", latent, jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1))
         probs = masked_softmax(scores * c.softmax_scale, cached_mask(positions, self.cache.size), q_nope.dtype)
-        o_lat = jnp.einsum("bnts,bsc->btnc", probs, ckv)
-        return constrain(jnp.einsum("btnc,cnv->btnv", o_lat, w[..., p:]), *HEADS)
+        o_lat = jnp.einsum("bnts,bsl->btnl", probs, latent)[..., :kc]
+        return constrain(jnp.einsum("btnc,ncv->btnv", o_lat, w_uv), *HEADS)
