@@ -62,9 +62,22 @@ def train_single_device(out, overrides):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, worker_id):
     """The tiny preset trained once for the session (300 steps of 4 x 128 tokens on the default corpus,
     float32, one device): ``(run folder, summary)``. The FP8 test compares against it; the generation
-    tests decode with it."""
-    out = tmp_path_factory.mktemp("tiny_run") / "run"
-    return out, train_single_device(out, TINY_RUN)
+    tests decode with it. Under pytest-xdist the workers share one run (the first trains it under a file
+    lock in the session's temporary folder, the others read its summary)."""
+    import json
+
+    from filelock import FileLock
+
+    if worker_id == "master":
+        out = tmp_path_factory.mktemp("tiny_run") / "run"
+        return out, train_single_device(out, TINY_RUN)
+    shared = tmp_path_factory.getbasetemp().parent / "tiny_run"  # this session's folder, above every worker's
+    shared.mkdir(exist_ok=True)
+    out, done = shared / "run", shared / "summary.json"
+    with FileLock(str(shared / ".lock")):
+        if not done.exists():
+            done.write_text(json.dumps(train_single_device(out, TINY_RUN)))
+    return out, json.loads(done.read_text())
