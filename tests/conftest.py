@@ -5,6 +5,24 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _session_compilation_cache() -> str:
+    """One persistent JAX compilation cache per test session, shared by the xdist workers and by every
+    subprocess they start (training runs, notebooks, multi-process tests inherit the environment): the
+    same train step compiled in ten processes is compiled once. Fresh per session, so nothing carries
+    over between runs."""
+    import tempfile
+
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if uid is None:
+        return tempfile.mkdtemp(prefix="dsj-jax-cache-")
+    path = os.path.join(tempfile.gettempdir(), f"dsj-jax-cache-{uid}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _session_compilation_cache())
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -28,7 +28,8 @@ def _problem(n=96, d=32, f=16, e=8, k=2, seed=0):
     ("blocks", 8, 1.0), ("blocks", 64, 1.0), ("blocks_dynamic", 8, 1.0), ("ragged", None, 1.0),
     ("capacity", 8, 1.0),  # 96*2/8 = 24 rows per expert in the batched part; ~6 overflow rows on each busy expert
     ("capacity", 8, 0.3),  # most rows in the overflow loop, several blocks per expert
-    ("capacity", 16, 4.0)])  # the batched part holds every row (no overflow loop)
+    ("capacity", 16, 4.0),  # the batched part holds every row (no overflow loop)
+    ("gather", None, 1.0), ("dense", None, 1.0)])  # the few-token (decoding) kernels
 def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block, main_capacity):
     x, weights, experts, w1, w3, w2, cot = _problem()
     assert set(np.unique(experts)) == set(range(6))  # experts 6 and 7 get no tokens
@@ -48,7 +49,7 @@ def test_grouped_gemm_equals_dense_reference_values_and_grads(impl, block, main_
     assert float(jnp.abs(g_ours[2][6:]).max()) == 0.0  # idle experts receive zero gradient
 
 
-@pytest.mark.parametrize("impl", ["capacity", "blocks", "blocks_dynamic", "ragged"])
+@pytest.mark.parametrize("impl", ["capacity", "blocks", "blocks_dynamic", "ragged", "gather", "dense"])
 def test_no_expert_ids_contribute_nothing(impl):
     """Ids >= e mark empty slots (expert-parallel receive buffers): equal to dropping those slots."""
     x, weights, experts, w1, w3, w2, cot = _problem()
@@ -61,6 +62,22 @@ def test_no_expert_ids_contribute_nothing(impl):
     g1 = jax.grad(lambda x: jnp.sum(ours(x, weights) * cot))(x)
     g2 = jax.grad(lambda x: jnp.sum(ref(x, weights) * cot))(x)
     np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k,picked", [(1, 2, "gather"), (3, 2, "gather"), (5, 2, "dense"), (8, 2, "dense"),
+                                         (9, 2, "capacity")])
+def test_few_tokens_pick_the_decoding_kernels(n, k, picked, monkeypatch):
+    """With 8 experts: fewer pairs than experts gather their experts' weights, at most 8 tokens run every
+    expert densely, more go to the default kernel; each equals the dense reference."""
+    from deepseek_jax.kernels import grouped_gemm as gg
+
+    x, weights, experts, w1, w3, w2, _ = _problem(n=n, k=k, seed=n)
+    called = []
+    for name in ("_gather_kernel", "_dense_kernel"):
+        monkeypatch.setattr(gg, name, (lambda f, nm: lambda *a: called.append(nm) or f(*a))(getattr(gg, name), name))
+    got = routed_experts(x, weights, experts, w1, w3, w2)
+    assert called == ([] if picked == "capacity" else [f"_{picked}_kernel"])
+    np.testing.assert_allclose(got, moe_dense_reference(x, weights, experts, w1, w3, w2), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["capacity", "blocks"])

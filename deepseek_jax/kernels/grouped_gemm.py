@@ -21,7 +21,10 @@ The pairs are sorted by expert once (:func:`routed_experts`), then one kernel of
 
 * ``"gather"`` (the default when there are fewer (token, expert) pairs than experts, i.e. decoding a
   few sequences): each pair's expert weights are gathered and multiplied with its token, so a step
-  reads the ``m`` experts it uses, not all ``e`` (and no ``[w1 | w3]`` copy is made).
+  reads the ``m`` experts it uses, not all ``e`` (and no ``[w1 | w3]`` copy is made);
+* ``"dense"`` (the default for ``m >= e`` pairs from at most ``e`` tokens: decoding a batch, which selects
+  most experts): every expert on every token, ``[e, n, d] · [e, d, f]``, weighted by the gates (zero
+  off the selection): each expert's weights are read once, in place, with no sorting, copies or loops.
 
 Expert ids ``>= e`` mean "no expert": such (token, slot) pairs are not computed and contribute zero.
 CPU notes: XLA:CPU runs scatter-adds serially, so rows move through gathers whose transposes are
@@ -341,14 +344,23 @@ def _gather_kernel(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
     return jnp.einsum("nkd,nk->nd", y, gate)
 
 
+def _dense_kernel(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
+                  w2: jax.Array) -> jax.Array:
+    """The ``"dense"`` kernel: every expert on every token, combined with the ``[n, e]`` gate matrix."""
+    e = w1.shape[0]
+    gate = jnp.einsum("nk,nke->ne", weights.astype(x.dtype), jax.nn.one_hot(experts, e, dtype=x.dtype))
+    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w1)) * jnp.einsum("nd,edf->enf", x, w3)
+    return jnp.einsum("end,ne->nd", jnp.einsum("enf,efd->end", h, w2), gate)
+
+
 def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                    w2: jax.Array, impl: str | None = None, block: int | None = None,
                    fp8=None, main_capacity: float = 1.0) -> jax.Array:
     """Dropless routed experts: ``x [n, d]``, ``weights/experts [n, k]``, ``w1/w3 [e, d, f]``, ``w2 [e, f, d]``.
 
     Returns ``sum_j weights[:, j] * FFN_{experts[:, j]}(x)`` as ``[n, d]``; ids ``>= e`` contribute zero.
-    ``impl``: a key of :data:`KERNELS` or ``"gather"``; by default ``"gather"`` when ``m = n k < e`` (no
-    FP8), else :func:`grouped_gemm_impl`; ``block`` (rows per block of the
+    ``impl``: a key of :data:`KERNELS`, ``"gather"`` or ``"dense"``; by default (no FP8) ``"gather"`` when
+    ``m = n k < e``, ``"dense"`` when ``n <= e``, else :func:`grouped_gemm_impl`; ``block`` (rows per block of the
     block kernels and of the capacity kernel's overflow loop) defaults to :func:`default_block`;
     ``main_capacity``: the capacity kernel's batched rows per expert as a multiple of the mean load
     (:func:`capacity_rows`). ``fp8`` (an ``FP8Config``): the grouped GEMMs take FP8 activations (1x128
@@ -359,11 +371,13 @@ def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
     e, m = w1.shape[0], experts.size
     if impl == "gather" or (impl is None and fp8 is None and m < e):
         return _gather_kernel(x, weights, experts, w1, w3, w2)
+    if impl == "dense" or (impl is None and fp8 is None and x.shape[0] <= e):
+        return _dense_kernel(x, weights, experts, w1, w3, w2)
     impl = impl or grouped_gemm_impl()
     if impl == "capacity" and fp8 is not None:
         impl = "blocks"
     if impl not in KERNELS:
-        raise ValueError(f"impl={impl!r} must be one of {sorted(KERNELS) + ['gather']}")
+        raise ValueError(f"impl={impl!r} must be one of {sorted(KERNELS) + ['dense', 'gather']}")
     w13 = jnp.concatenate([w1, w3], axis=-1)
     return KERNELS[impl](x, weights, _sort_pairs(experts, e), w13, w2, block=block or default_block(m, e),
                          fp8=fp8, main_capacity=main_capacity)
