@@ -337,9 +337,9 @@ def _gather_kernel(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax
     e = w1.shape[0]
     idx = jnp.minimum(experts, e - 1).reshape(-1)
     xs = jnp.repeat(x, k, axis=0)  # [m, d]: pair (i, j) -> token i
-    h1 = jnp.einsum("md,mdf->mf", xs, w1[idx])
-    h3 = jnp.einsum("md,mdf->mf", xs, w3[idx])
-    y = jnp.einsum("mf,mfd->md", jax.nn.silu(h1) * h3, w2[idx]).reshape(n, k, -1)
+    h1 = checkpoint_name(jnp.einsum("md,mdf->mf", xs, w1[idx]), "swiglu_in")  # the remat names of the other kernels
+    h3 = checkpoint_name(jnp.einsum("md,mdf->mf", xs, w3[idx]), "swiglu_in")
+    y = checkpoint_name(jnp.einsum("mf,mfd->md", jax.nn.silu(h1) * h3, w2[idx]), "expert_out").reshape(n, k, -1)
     gate = jnp.where(experts < e, weights, 0).astype(x.dtype)
     return jnp.einsum("nkd,nk->nd", y, gate)
 
@@ -349,8 +349,9 @@ def _dense_kernel(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.
     """The ``"dense"`` kernel: every expert on every token, combined with the ``[n, e]`` gate matrix."""
     e = w1.shape[0]
     gate = jnp.einsum("nk,nke->ne", weights.astype(x.dtype), jax.nn.one_hot(experts, e, dtype=x.dtype))
-    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w1)) * jnp.einsum("nd,edf->enf", x, w3)
-    return jnp.einsum("end,ne->nd", jnp.einsum("enf,efd->end", h, w2), gate)
+    h1, h3 = (checkpoint_name(jnp.einsum("nd,edf->enf", x, w), "swiglu_in") for w in (w1, w3))
+    y = checkpoint_name(jnp.einsum("enf,efd->end", jax.nn.silu(h1) * h3, w2), "expert_out")
+    return jnp.einsum("end,ne->nd", y, gate)
 
 
 def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
