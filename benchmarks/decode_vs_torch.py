@@ -1,7 +1,7 @@
 """Greedy decoding, deepseek_jax vs transformers, each side in its own process, alternated, medians.
 
 The same random DeepSeek-V3-style checkpoint (``_sides.SMALL_V3``, float32, written once with
-``dsj.save_checkpoint`` and loaded by both sides) decodes ``--new`` tokens after a ``--prompt``-token
+``dsj.hf.save_checkpoint`` and loaded by both sides) decodes ``--new`` tokens after a ``--prompt``-token
 prompt at each ``--batches`` size. Ours: ``dsj.generate`` (prefill + on-device decode loop); theirs:
 ``DeepseekV3ForCausalLM.generate(do_sample=False)``. Each round times ``--reps`` calls after one warm-up
 call, per side; the table takes the median over ``--rounds`` rounds.
@@ -39,7 +39,7 @@ def side_export(args) -> dict:
     import deepseek_jax as dsj
 
     cfg = dsj.load_config(SMALL_V3[0], **SMALL_V3[1])
-    dsj.save_checkpoint(cfg, dsj.init_variables(cfg, 0), args.ckpt)
+    dsj.hf.save_checkpoint(cfg, dsj.init_variables(cfg, 0), args.ckpt)
     return {"config": cfg.to_dict()}
 
 
@@ -47,7 +47,7 @@ def side_ours(args) -> dict:
     import deepseek_jax as dsj
     from deepseek_jax.analysis.roofline import decode_bytes, memory_bandwidth
 
-    cfg, variables = dsj.load_checkpoint(args.ckpt)
+    cfg, variables = dsj.hf.load_checkpoint(args.ckpt)
     bw = [memory_bandwidth()]
     out = {}
     for b in args.batches:

@@ -4,8 +4,9 @@ alternated, medians.
 Configs: ``tiny``, ``bench`` and ``small-v3`` (``_sides.SMALL_V3``, the speed issue's model), all with MTP
 off (transformers' model has none), float32, ``--batch x --seq`` random tokens. Ours: the jitted train step
 of ``train.make_train_fns`` (pre-training loss, backward, AdamW, bias update) on one device; theirs:
-``DeepseekV3ForCausalLM`` (eager attention, ``grouped_mm`` experts) loaded from the checkpoint ours wrote
-(same weights), loss + backward + grad clipping + ``torch.optim.AdamW``. Each round times ``--iters`` steps
+``DeepseekV3ForCausalLM`` (eager attention, ``grouped_mm`` experts) loaded from a checkpoint of
+``init_variables(cfg, 0)``, loss + backward + grad clipping + ``torch.optim.AdamW`` (the losses printed are
+not comparable: ours adds the balance terms and starts from the train step's own initialisation). Each round times ``--iters`` steps
 after warm-up; the table takes the median over ``--rounds`` rounds.
 
 Roofline: the ours-process measures the float32 matmul peak (``analysis.params.peak_flops``) and every
@@ -38,7 +39,7 @@ def side_export(args) -> dict:
     out = {}
     for name in args.configs:
         cfg = dsj.load_config(CONFIGS[name][0], **CONFIGS[name][1])
-        dsj.save_checkpoint(cfg, dsj.init_variables(cfg, 0), Path(args.ckpt) / name)
+        dsj.hf.save_checkpoint(cfg, dsj.init_variables(cfg, 0), Path(args.ckpt) / name)
         out[name] = cfg.to_dict()
     return out
 
