@@ -158,6 +158,9 @@ def test_released_fp8_checkpoint_kept_in_fp8(tmp_path):
     print(f"FP8-held weights: {bytes_fp8} B vs {bytes_bf16} B in bf16 (+{bytes_scales} B of scales)")
     assert bytes_fp8 * 2 == bytes_bf16
 
+    # decoding reads the kept FP8 weights through their scales too: the same tokens as the dequantised load
+    prompts = [[1, 2, 3], [4, 5]]
+    assert dsj.generate(cfg8, kept, prompts, 6, eos_id=-1) == dsj.generate(cfg8, deq, prompts, 6, eos_id=-1)
     out_kept = dsj.Transformer(cfg8).apply(kept, TOKENS)
     out_same_path = dsj.Transformer(cfg8).apply(deq, TOKENS)  # FP8 path on the dequantised weights
     out_deq = dsj.Transformer(cfg).apply(deq, TOKENS)  # plain float32 on the dequantised weights

@@ -24,11 +24,11 @@ from typing import Any, Sequence
 
 import jax
 
-__all__ = ["PARAMS", "ROUTER", "CACHE", "FP8_SCALE", "INTERMEDIATES", "DECODE", "MODEL_COLLECTIONS", "DENSE_STACK",
-           "MOE_STACK", "STACKS", "EMBED", "HEAD", "FFN", "SHARED", "MTP_LAYER", "ROUTER_WEIGHT", "ROUTER_BIAS", "BALANCE",
-           "DROPPED_ROWS", "DISPATCHED_ROWS", "mtp_name", "layer_name", "unstack_layers", "is_mtp", "keys", "is_stacked", "is_norm",
-           "is_routed_expert", "is_embedding", "split_mtp", "model_variables", "collect", "router_biases",
-           "replace_router_biases"]
+__all__ = ["PARAMS", "ROUTER", "CACHE", "FP8_SCALE", "INTERMEDIATES", "DECODE", "MODEL_COLLECTIONS",
+           "DENSE_STACK", "MOE_STACK", "STACKS", "EMBED", "HEAD", "FFN", "SHARED", "MTP_LAYER",
+           "ROUTER_WEIGHT", "ROUTER_BIAS", "BALANCE", "DROPPED_ROWS", "DISPATCHED_ROWS", "mtp_name",
+           "layer_name", "unstack_layers", "is_mtp", "keys", "is_stacked", "is_norm", "is_routed_expert",
+           "is_embedding", "split_mtp", "model_variables", "collect", "router_biases", "replace_router_biases"]
 
 # collections
 PARAMS, ROUTER, CACHE, FP8_SCALE, INTERMEDIATES = "params", "router", "cache", "fp8_scale", "intermediates"

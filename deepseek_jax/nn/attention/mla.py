@@ -43,10 +43,11 @@ def absorbed_weights(params: dict, qk_nope_head_dim: int) -> dict:
     """The ``"decode"`` collection for a per-layer (unstacked) ``params`` tree: for every MLA ``wkv_b
     [c, n, p+v]``, ``w_uk [n, p, c]`` and ``w_uv [n, c, v]`` at the same path, heads leading, so the absorbed
     products run as batched matmuls on the weights where they lie (read from ``Wkv_b`` directly, XLA:CPU
-    copies a transposed ``W_UK`` and ``W_UV`` out of it at every decode step). Stacked layers are skipped."""
+    copies a transposed ``W_UK`` and ``W_UV`` out of it at every decode step). Stacked layers are skipped, and
+    so are weights kept in FP8 (the module dequantises those with their block scales)."""
     out = {}
     for k, v in params.items():
-        if k == "wkv_b" and getattr(v, "ndim", 0) == 3:
+        if k == "wkv_b" and getattr(v, "ndim", 0) == 3 and jnp.dtype(v.dtype).itemsize > 1:
             out["w_uk"] = jnp.transpose(v[..., :qk_nope_head_dim], (1, 2, 0))
             out["w_uv"] = jnp.transpose(v[..., qk_nope_head_dim:], (1, 0, 2))
         elif isinstance(v, dict) and (sub := absorbed_weights(v, qk_nope_head_dim)):
