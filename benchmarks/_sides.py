@@ -32,6 +32,19 @@ def alternate(script: str, argv: Sequence[str], rounds: int, sides: Sequence[str
     return out
 
 
+def add_side_args(ap) -> None:
+    """The child-process arguments every comparison script takes: ``--side`` and the checkpoint folder."""
+    ap.add_argument("--side", choices=["export", "ours", "torch"])
+    ap.add_argument("--ckpt")
+
+
+def run_side(args, sides: dict) -> bool:
+    """In a child (``--side`` given): run that side and print its JSON; returns whether it did."""
+    if args.side:
+        print(json.dumps(sides[args.side](args)))
+    return bool(args.side)
+
+
 def median_of(results: list[dict], *keys: str) -> float:
     """Median over rounds of ``result[k0][k1]...``."""
     vals = []

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _sides import SMALL_V3, alternate, median_of, run_child  # noqa: E402
+from _sides import SMALL_V3, add_side_args, alternate, median_of, run_child, run_side  # noqa: E402
 
 CONFIGS = {"tiny": ("tiny", {"mtp.depth": 0}), "bench": ("bench", {"mtp.depth": 0}), "small-v3": SMALL_V3}
 
@@ -106,16 +106,14 @@ def side_torch(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--side", choices=["export", "ours", "torch"])
-    ap.add_argument("--ckpt")
+    add_side_args(ap)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if args.side:
-        print(json.dumps({"export": side_export, "ours": side_ours, "torch": side_torch}[args.side](args)))
+    if run_side(args, {"export": side_export, "ours": side_ours, "torch": side_torch}):
         return
     from _provenance import provenance
 

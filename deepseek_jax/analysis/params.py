@@ -29,7 +29,7 @@ from deepseek_jax.nn import tree
 from deepseek_jax.nn.transformer import abstract_variables
 
 __all__ = ["ParamCounts", "param_counts", "model_info", "kv_cache_elements_per_token_per_layer", "flops_per_token",
-           "peak_flops"]
+           "peak_flops", "best_seconds"]
 
 
 def kv_cache_elements_per_token_per_layer(cfg: ModelConfig) -> int:
@@ -117,17 +117,20 @@ _PEAK_TABLE = {  # dense bf16 FLOP/s per chip
 }
 
 
-@functools.lru_cache(maxsize=1)
-def _measured_cpu_peak(n: int = 2048, reps: int = 5) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
+def best_seconds(fn, *args, reps: int = 5) -> float:
+    """Fastest of ``reps`` timed calls of a jitted ``fn(*args)`` after one warm-up (compiling) call."""
+    fn(*args).block_until_ready()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        mm(a).block_until_ready()
+        fn(*args).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_cpu_peak(n: int = 2048, reps: int = 5) -> float:
+    return 2 * n ** 3 / best_seconds(jax.jit(lambda x: x @ x), jnp.ones((n, n), jnp.float32), reps=reps)
 
 
 def peak_flops(override: float = 0.0) -> tuple[float, str]:

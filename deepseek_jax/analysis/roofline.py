@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.analysis.params import kv_cache_elements_per_token_per_layer
+from deepseek_jax.analysis.params import best_seconds, kv_cache_elements_per_token_per_layer
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.transformer import abstract_variables
@@ -33,14 +32,7 @@ __all__ = ["memory_bandwidth", "expected_distinct_experts", "decode_bytes"]
 def memory_bandwidth(mib: int = 256, reps: int = 7) -> float:
     """Bytes/s of the best of ``reps`` jitted sums over a ``mib`` MiB float32 array (on the default device)."""
     x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return x.nbytes / best
+    return x.nbytes / best_seconds(jax.jit(jnp.sum), x, reps=reps)
 
 
 def expected_distinct_experts(experts: int, top_k: int, tokens: int) -> float:

@@ -109,8 +109,8 @@ class _Steps:
         # single steps: the loops' bodies, kept jitted for host-driven reference loops (tests)
         self.step = jax.jit(step, donate_argnums=1)
         self.spec_step = jax.jit(spec_step, donate_argnums=1)
-        self.plain_loop = jax.jit(_plain_loop_fn(step), donate_argnums=1, static_argnames="chunk")
-        self.spec_loop = jax.jit(_spec_loop_fn(spec_step), donate_argnums=1, static_argnames="chunk")
+        self.plain_loop = jax.jit(_plain_loop_fn(step), donate_argnums=1, static_argnums=5)
+        self.spec_loop = jax.jit(_spec_loop_fn(spec_step), donate_argnums=1, static_argnums=5)
 
 
 def _plain_loop_fn(step):
@@ -130,8 +130,7 @@ def _plain_loop_fn(step):
             return i + 1, s, cache, jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], i, 1)
 
         buf = jnp.zeros((state["tok"].shape[0], chunk), jnp.int32)
-        return jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1]["done"]), body,
-                                  (jnp.int32(0), state, cache, buf))
+        return jax.lax.while_loop(_running(chunk), body, (jnp.int32(0), state, cache, buf))
 
     return plain_loop
 
@@ -164,10 +163,14 @@ def _spec_loop_fn(spec_step):
             return i + 1, s, cache, buf, n + 1 + accept.astype(jnp.int32)
 
         buf = jnp.zeros((b, 2 * chunk), jnp.int32)
-        return jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1]["done"]), body,
-                                  (jnp.int32(0), state, cache, buf, jnp.zeros(b, jnp.int32)))
+        return jax.lax.while_loop(_running(chunk), body, (jnp.int32(0), state, cache, buf, jnp.zeros(b, jnp.int32)))
 
     return spec_loop
+
+
+def _running(chunk: int):
+    """Loop condition: fewer than ``chunk`` steps taken and some row not done (carry ``(i, state, ...)``)."""
+    return lambda c: (c[0] < chunk) & ~jnp.all(c[1]["done"])
 
 
 def _advance(done, count, tok, eos, max_new):
@@ -333,20 +336,25 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     return emit.out
 
 
-def _chunk(size: int, streaming: bool) -> int:
-    """Decode steps per on-device loop call: the whole budget at once (a cache of ``size`` positions never
-    needs more steps), or ``STREAM_CHUNK`` when a caller streams."""
-    return min(STREAM_CHUNK, size) if streaming else size
+def _row_state(emit: _Emitter, put) -> dict:
+    """The loop's per-row stop state after the prefill's token: ``done [b]`` and ``count [b]`` (emitted)."""
+    return {"done": put(emit.done.copy()), "count": put(np.array([len(o) for o in emit.out], np.int32))}
+
+
+def _limits(emit: _Emitter, size: int) -> tuple:
+    """``(eos, max_new, chunk)`` of a loop call: EOS id (-1: none), token budget, and steps per call -- the
+    whole budget at once (a cache of ``size`` positions never needs more steps), or ``STREAM_CHUNK`` when a
+    caller streams."""
+    chunk = min(STREAM_CHUNK, size) if emit.on_tokens is not None else size
+    return np.int32(-1 if emit.eos is None else emit.eos), np.int32(emit.max_new), chunk
 
 
 def _plain_loop(fns: _Steps, variables, cache, first, lengths, key, put, emit: _Emitter, st: dict, size: int) -> None:
     """Decode on device in chunks until every row is done; each chunk's tokens go to the emitter at once."""
-    state = {"tok": first, "pos": put(lengths.copy()), "key": key, "done": put(emit.done.copy()),
-             "count": put(np.array([len(o) for o in emit.out], np.int32))}
-    chunk = _chunk(size, emit.on_tokens is not None)
-    eos, max_new = np.int32(-1 if emit.eos is None else emit.eos), np.int32(emit.max_new)
+    state = {"tok": first, "pos": put(lengths.copy()), "key": key, **_row_state(emit, put)}
+    limits = _limits(emit, size)
     while not emit.done.all():
-        steps, state, cache, buf = fns.plain_loop(variables, cache, state, eos, max_new, chunk=chunk)
+        steps, state, cache, buf = fns.plain_loop(variables, cache, state, *limits)
         steps, buf = int(steps), np.asarray(buf)
         st["steps"] += steps
         emit([[int(t) for t in row[:steps]] for row in buf])
@@ -365,12 +373,10 @@ def _speculative_loop(fns: _Steps, variables, cache, tokens, lengths, first, hid
     cache, drafted, q_logp, h_prev = fns.spec_start(variables, cache, hidden, put(nxt), put(lengths), k)
     # ``last``: emitted, not yet in the main cache
     state = {"last": first, "drafted": drafted, "pos": put(lengths.copy()), "h_prev": h_prev, "q_logp": q_logp,
-             "key": key, "done": put(emit.done.copy()), "count": put(np.array([len(o) for o in emit.out], np.int32)),
-             "n_drafted": jnp.int32(0), "n_accepted": jnp.int32(0)}
-    chunk = _chunk(size, emit.on_tokens is not None)
-    eos, max_new = np.int32(-1 if emit.eos is None else emit.eos), np.int32(emit.max_new)
+             "key": key, **_row_state(emit, put), "n_drafted": jnp.int32(0), "n_accepted": jnp.int32(0)}
+    limits = _limits(emit, size)
     while not emit.done.all():
-        steps, state, cache, buf, n = fns.spec_loop(variables, cache, state, eos, max_new, chunk=chunk)
+        steps, state, cache, buf, n = fns.spec_loop(variables, cache, state, *limits)
         buf, n = np.asarray(buf), np.asarray(n)
         st["steps"] += int(steps)
         emit([[int(t) for t in buf[i, :n[i]]] for i in range(b)])
