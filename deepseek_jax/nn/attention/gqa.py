@@ -9,7 +9,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
-from deepseek_jax.nn.attention.common import HEADS, attention_mask, masked_softmax
+from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
+from deepseek_jax.nn.attention.common import HEADS, masked_softmax
 from deepseek_jax.nn.layers import linear, param
 from deepseek_jax.nn.rope import apply_rope
 from deepseek_jax.parallel.rules import constrain
@@ -40,15 +41,14 @@ class GQA(nn.Module):
         v = constrain(checkpoint_name(linear(x, wv, fp8=c.fp8), "v_proj"), *HEADS)
         q, k = constrain(q, *HEADS), constrain(k, *HEADS)
         b, t = x.shape[:2]
-        if self.cache is not None:
+        if self.cache is None:  # training / no cache: the blocked core with its recomputing backward
+            out = causal_attention(q, k, v, segment_ids, c.softmax_scale, ATTENTION_BLOCK)
+        else:
             k = cache_update(self, "k", k, positions, self.cache)
             v = cache_update(self, "v", v, positions, self.cache)
-            mask = cached_mask(positions, self.cache.size)
-        else:
-            mask = attention_mask(segment_ids)
-        q = q.reshape(b, t, g, n // g, h)
-        scores = jnp.einsum("btgmh,bsgh->bgmts", q, k) * c.softmax_scale
-        probs = masked_softmax(scores, mask[:, :, None], dt)
-        out = checkpoint_name(jnp.einsum("bgmts,bsgh->btgmh", probs, v).reshape(b, t, n, h), "attn_out")
+            scores = jnp.einsum("btgmh,bsgh->bgmts", q.reshape(b, t, g, n // g, h), k) * c.softmax_scale
+            probs = masked_softmax(scores, cached_mask(positions, self.cache.size)[:, :, None], dt)
+            out = jnp.einsum("bgmts,bsgh->btgmh", probs, v).reshape(b, t, n, h)
+        out = checkpoint_name(out, "attn_out")
         wo = param(self, "wo", (n, h, c.d_model), ("heads", "head_dim", "embed"), std, pd, n_in=2, gather=False)
         return linear(out, wo, n_in=2, fp8=c.fp8)

@@ -31,7 +31,8 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
-from deepseek_jax.nn.attention.common import HEADS, attention_mask, masked_softmax
+from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
+from deepseek_jax.nn.attention.common import HEADS, masked_softmax
 from deepseek_jax.nn.layers import RMSNorm, linear, param
 from deepseek_jax.nn.rope import apply_rope
 from deepseek_jax.parallel.rules import constrain
@@ -99,19 +100,18 @@ class MLA(nn.Module):
             return linear(out, wo, n_in=2, fp8=c.fp8)
         kvb = constrain(linear(c_kv, wkv_b, fp8=c.fp8), *HEADS)
         k_nope, v = kvb[..., :p], kvb[..., p:]
-        if self.cache is not None:  # naive cache: the expanded per-head keys (rope part shared) and values
-            k = cache_update(self, "k", jnp.concatenate(
-                [k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + (r,))], -1), positions, self.cache)
+        # per-head keys [k_nope | k_rope]: the rope key is shared by all heads
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + (r,))], -1)
+        q = constrain(jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], -1), *HEADS)
+        if self.cache is None:  # training / no cache: the blocked core with its recomputing backward
+            out = causal_attention(q, constrain(k, *HEADS), v, segment_ids, c.softmax_scale, ATTENTION_BLOCK)
+        else:  # naive cache: the expanded per-head keys and the values
+            k = cache_update(self, "k", k, positions, self.cache)
             v = cache_update(self, "v", v, positions, self.cache)
-            k_nope, k_rope_h = k[..., :p], k[..., p:]
-            scores = (jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope)
-                      + jnp.einsum("btnr,bsnr->bnts", q_rope, k_rope_h))
-            mask = cached_mask(positions, self.cache.size)
-        else:
-            scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
-            mask = attention_mask(segment_ids)
-        probs = masked_softmax(scores * c.softmax_scale, mask, dt)
-        out = checkpoint_name(constrain(jnp.einsum("bnts,bsnv->btnv", probs, v), *HEADS), "attn_out")
+            scores = jnp.einsum("btnh,bsnh->bnts", q, k)
+            probs = masked_softmax(scores * c.softmax_scale, cached_mask(positions, self.cache.size), dt)
+            out = jnp.einsum("bnts,bsnv->btnv", probs, v)
+        out = checkpoint_name(constrain(out, *HEADS), "attn_out")
         return linear(out, wo, n_in=2, fp8=c.fp8)
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, wkv_b, positions):
