@@ -36,6 +36,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "kernels": ("deepseek_jax.kernels", None),
     "parallel": ("deepseek_jax.parallel", None),
     "analysis": ("deepseek_jax.analysis", None),
+    "pipeline": ("deepseek_jax.parallel.pipeline", None),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
