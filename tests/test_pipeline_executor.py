@@ -10,62 +10,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.parallel.pipeline import make_schedule, simulator
 from deepseek_jax.parallel.pipeline.executor import make_executor, merge_stage_grads, stage_params
+from deepseek_jax.parallel.pipeline import toy
 from deepseek_jax.parallel.pipeline.program import build_program
 
-D_IN, D, H, D_OUT, LAYERS = 6, 8, 16, 5, 2
-W_SPECS = {"w1": P("stage", None, None, None, "tensor"), "w2": P("stage", None, None, "tensor", None)}
-
-
-def embed(shared, inp):
-    return jnp.tanh(inp["x"] @ shared["emb"])
-
-
-def layer(x, w, psum):
-    """A Megatron tensor-parallel MLP block: ``w1`` split by columns, ``w2`` by rows, one sum."""
-    return x + psum(jnp.tanh(x @ w["w1"]) @ w["w2"])
-
-
-def loss(shared, y, inp):
-    return jnp.mean((y @ shared["head"] - inp["t"]) ** 2)
-
-
-def stage(w, shared, x, inp):
-    return jax.lax.scan(lambda x, wl: (layer(x, wl, lambda v: jax.lax.psum(v, "tensor")), None), x, w)[0]
-
-
-def reference(stacked, shared, inputs):
-    """Mean micro-batch loss of the model run stage after stage (no mesh, no pipeline)."""
-    def one(inp):
-        x = embed(shared, inp)
-        for s in range(stacked["w1"].shape[0]):
-            x = jax.lax.scan(lambda x, wl: (layer(x, wl, lambda v: v), None), x,
-                             jax.tree.map(lambda a: a[s], stacked))[0]
-        return loss(shared, x, inp)
-    return jnp.mean(jax.vmap(one)(inputs))
-
-
-def _problem(schedule, batch=8, seed=0):
-    k = jax.random.split(jax.random.key(seed), 6)
-    n_stages = schedule.pipe_len
-    stacked = {"w1": 0.4 * jax.random.normal(k[0], (n_stages, LAYERS, D, H)),
-               "w2": 0.4 * jax.random.normal(k[1], (n_stages, LAYERS, H, D))}
-    shared = {"emb": 0.5 * jax.random.normal(k[2], (D_IN, D)), "head": 0.5 * jax.random.normal(k[3], (D, D_OUT))}
-    n_in = schedule.n_microbatches * (schedule.n_stages // schedule.pipe_len)
-    inputs = {"x": jax.random.normal(k[4], (n_in, batch, D_IN)), "t": jax.random.normal(k[5], (n_in, batch, D_OUT))}
-    return stacked, shared, inputs
+D = toy.D
 
 
 def run_pipelined(name, mesh_axes, microbatches):
     mesh = make_mesh(mesh_axes, jax.devices()[:int(np.prod(list(mesh_axes.values())))])
     schedule = make_schedule(name, mesh_axes["stage"], microbatches)
     program = build_program(schedule)
-    stacked, shared, inputs = _problem(schedule)
-    step = make_executor(program, mesh, embed, stage, loss, w_specs=W_SPECS)
+    stacked, shared, inputs = toy.problem(schedule)
+    step = make_executor(program, mesh, toy.embed, toy.stage, toy.loss, w_specs=toy.W_SPECS)
     loss_value, (gw, gshared) = step(stage_params(program, stacked), shared, inputs)
     return program, step, (stacked, shared, inputs), loss_value, merge_stage_grads(program, gw), gshared
 
@@ -96,7 +56,7 @@ CASES = [
 @pytest.mark.parametrize("name,mesh_axes,microbatches", CASES, ids=lambda v: str(v))
 def test_pipelined_step_equals_the_unpipelined_gradients(name, mesh_axes, microbatches):
     program, _, (stacked, shared, inputs), got_loss, got_w, got_shared = run_pipelined(name, mesh_axes, microbatches)
-    want_loss, (want_w, want_shared) = jax.value_and_grad(reference, (0, 1))(stacked, shared, inputs)
+    want_loss, (want_w, want_shared) = jax.value_and_grad(toy.reference_loss, (0, 1))(stacked, shared, inputs)
     assert abs(float(got_loss) - float(want_loss)) <= 1e-6 * abs(float(want_loss))
     for key in want_w:
         assert _rel(got_w[key], want_w[key]) <= 1e-5, key
@@ -146,8 +106,8 @@ def test_one_gradient_reduction_after_the_loop_and_memory_flat_in_microbatches()
     temps, hlo = {}, ""
     for name, c in (("1f1b", 4), ("1f1b", 8), ("gpipe", 4), ("gpipe", 8)):
         program = build_program(make_schedule(name, 2, c))
-        stacked, shared, inputs = _problem(program.schedule, batch=64)
-        step = make_executor(program, mesh, embed, stage, loss, w_specs=W_SPECS)
+        stacked, shared, inputs = toy.problem(program.schedule, batch=64)
+        step = make_executor(program, mesh, toy.embed, toy.stage, toy.loss, w_specs=toy.W_SPECS)
         compiled = step.lower(stage_params(program, stacked), shared, inputs).compile()
         temps[name, c] = (compiled.memory_analysis().temp_size_in_bytes, program.table[0].nbytes)
         hlo = hlo or compiled.as_text()
