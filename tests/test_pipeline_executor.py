@@ -26,7 +26,7 @@ def run_pipelined(name, mesh_axes, microbatches):
     program = build_program(schedule)
     stacked, shared, inputs = toy.problem(schedule)
     step = make_executor(program, mesh, toy.embed, toy.stage, toy.loss, w_specs=toy.W_SPECS)
-    loss_value, (gw, gshared) = step(stage_params(program, stacked), shared, inputs)
+    loss_value, (gw, gshared), _ = step(stage_params(program, stacked), shared, inputs)
     return program, step, (stacked, shared, inputs), loss_value, merge_stage_grads(program, gw), gshared
 
 

@@ -25,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.kernels.backend import vary_like
+
 __all__ = ["ATTENTION_BLOCK", "causal_attention", "attention_block"]
 
 ATTENTION_BLOCK = 64  # query rows per block: measured best of 32/64/128/256 for t=256 on XLA:CPU (README)
@@ -111,7 +113,8 @@ def _bwd(scale, block, res, do):
         dk = dk.at[:, :end].add(jnp.einsum("bgmts,btgmh->bsgh", ds, q[:, start:end],
                                            preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dq, 1).reshape(b, t, n, h)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None  # segment ids: no cotangent
+    return (vary_like(dq, q).astype(q.dtype), vary_like(dk, k).astype(k.dtype), vary_like(dv, v).astype(v.dtype),
+            None)  # segment ids: no cotangent
 
 
 causal_attention.defvjp(_fwd, _bwd)

@@ -1,10 +1,11 @@
-"""Which kernels a backend runs well: one answer for the FP8 dots and the grouped GEMMs."""
+"""Which kernels a backend runs well (one answer for the FP8 dots and the grouped GEMMs), and the typing
+helper every custom VJP uses inside ``shard_map``."""
 
 from __future__ import annotations
 
 import jax
 
-__all__ = ["FAST_KERNEL_BACKENDS", "has_fast_kernels"]
+__all__ = ["FAST_KERNEL_BACKENDS", "has_fast_kernels", "vary_like"]
 
 FAST_KERNEL_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -13,3 +14,12 @@ def has_fast_kernels(backend: str | None = None) -> bool:
     """True on GPU/TPU, whose ``ragged_dot`` and FP8 dots are native kernels; False on XLA:CPU, where
     ``ragged_dot`` is a dense fallback and FP8 is an upcast (so the CPU paths simulate instead)."""
     return (backend or jax.default_backend()) in FAST_KERNEL_BACKENDS
+
+
+def vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """``x`` typed as varying over every manual mesh axis ``ref`` varies over (identity outside
+    ``shard_map``). A custom VJP's backward must return each cotangent with its primal's type; one built from
+    zeros or from an invariant cotangent is cast with this (``ref``: the primal, or an empty slice of it)."""
+    want = jax.typeof(ref).manual_axis_type.varying
+    missing = tuple(a for a in want if a not in jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x

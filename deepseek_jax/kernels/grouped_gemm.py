@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from deepseek_jax.kernels.backend import has_fast_kernels
+from deepseek_jax.kernels.backend import has_fast_kernels, vary_like
 from deepseek_jax.kernels.fp8 import qdot
 
 __all__ = ["KERNELS", "grouped_gemm_impl", "default_block", "capacity_rows", "routed_experts"]
@@ -86,8 +86,8 @@ def _used_block_mm_bwd(res, dy):
         da, dw = carry
         return da.at[g].set(dy[g] @ w[block_e[g]].T), dw.at[block_e[g]].add(a[g].T @ dy[g])
 
-    da, dw = jax.lax.fori_loop(0, n_used, body, (jnp.zeros_like(a), jnp.zeros_like(w)))
-    return da, dw, None, None
+    da, dw = jax.lax.fori_loop(0, n_used, body, (vary_like(jnp.zeros_like(a), dy), vary_like(jnp.zeros_like(w), dy)))
+    return vary_like(da, a), vary_like(dw, w), None, None
 
 
 _used_block_mm.defvjp(_used_block_mm_fwd, _used_block_mm_bwd)
@@ -102,14 +102,14 @@ def _take_rows(x: jax.Array, idx: jax.Array, back: jax.Array) -> jax.Array:
 
 
 def _take_rows_fwd(x, idx, back):
-    return _take_rows(x, idx, back), (idx, back)
+    return _take_rows(x, idx, back), (idx, back, x[:0])  # x[:0]: x's type, for the cotangent (no data)
 
 
 def _take_rows_bwd(res, g):
-    idx, back = res
+    idx, back, x_type = res
     r, s = back.shape
     dx = jnp.take(g, back.reshape(-1), axis=0, mode="fill", fill_value=0).reshape((r, s) + g.shape[1:]).sum(1)
-    return dx, None, None
+    return vary_like(dx, x_type), None, None
 
 
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
@@ -175,9 +175,9 @@ def _overflow_experts_bwd(res, dy):
         return (dx.at[token].add(dh @ w13[e].T, mode="drop"), dgates,
                 dw13.at[e].add(xb.T @ dh), dw2.at[e].add(a.T @ dyb))
 
-    zeros = (jnp.zeros_like(x), jnp.zeros_like(gates), jnp.zeros_like(w13), jnp.zeros_like(w2))
+    zeros = tuple(vary_like(vary_like(jnp.zeros_like(v), dy), v) for v in (x, gates, w13, w2))
     dx, dgates, dw13, dw2 = jax.lax.fori_loop(0, n_blocks, body, zeros)
-    return dx, dgates, None, None, None, dw13, dw2
+    return vary_like(dx, x), vary_like(dgates, gates), None, None, None, vary_like(dw13, w13), vary_like(dw2, w2)
 
 
 _overflow_experts.defvjp(_overflow_experts_fwd, _overflow_experts_bwd)

@@ -137,4 +137,4 @@ class MTPModule(nn.Module):
         w = param(self, "eh_proj", (2 * c.d_model, c.d_model), ("mtp_concat", "embed"), c.init_std, pd, gather=False)
         x = linear(jnp.concatenate([e, h], axis=-1), w, fp8=c.fp8)
         h, load = layer_cls(self.remat)(c, c.moe is not None, self.cache, name=tree.MTP_LAYER)(x, positions, segment_ids)
-        return h, RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(h), load
+        return h, RMSNorm(c.d_model, c.rms_norm_eps, pd, name=tree.FINAL_NORM)(h), load

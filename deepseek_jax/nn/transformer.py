@@ -28,7 +28,8 @@ from deepseek_jax.nn.block import ACT, MTPModule, layer_stack
 from deepseek_jax.nn.layers import RMSNorm, linear, param, take
 from deepseek_jax.parallel.rules import constrain
 
-__all__ = ["ModelOutput", "Transformer", "init_variables", "abstract_variables", "check_tokens"]
+__all__ = ["ModelOutput", "Transformer", "init_variables", "abstract_variables", "check_tokens", "embedding_params",
+           "embed_and_dense", "head_and_mtp"]
 
 
 @flax.struct.dataclass
@@ -85,7 +86,7 @@ class Transformer(nn.Module):
                  draft_from=None) -> ModelOutput:
         c = self.cfg
         check_tokens(tokens, c.vocab_size)
-        pd, dt = jnp.dtype(c.param_dtype), jnp.dtype(c.dtype)
+        dt = jnp.dtype(c.dtype)
         b, t = tokens.shape
         if positions is None:
             if self.cache is not None:
@@ -93,12 +94,7 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.zeros((b, t), jnp.int32)
-        embed = param(self, tree.EMBED, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd, gather=False)
-        if c.tie_embeddings:
-            head = embed.T
-        else:
-            head = param(self, tree.HEAD, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd, gather=False)
-        head = head.astype(dt)
+        embed, head = embedding_params(self, c)
         if draft_from is not None:  # MTP module 1 alone: the speculative draft
             if not c.mtp.depth:
                 raise ValueError("draft_from needs MTP modules (mtp.depth >= 1)")
@@ -106,31 +102,62 @@ class Transformer(nn.Module):
             h1, hk, load = MTPModule(c, self.remat, self.cache, name=tree.mtp_name(0))(draft_from.astype(dt), emb, positions, segment_ids)
             return ModelOutput(logits=linear(hk, head).astype(jnp.float32), hidden=h1,
                                expert_load=None if load is None else load[None])
-        x = constrain(take(embed, tokens).astype(dt), *ACT)
+        x = embed_and_dense(c, embed, tokens, positions, segment_ids, self.remat, self.scan_unroll, self.cache,
+                            self.stacked)
         loads = []
-        if c.n_dense_layers:
-            x, _ = layer_stack(c, False, c.n_dense_layers, tree.DENSE_STACK, self.remat, self.scan_unroll,
-                                self.cache, self.stacked)(x, positions, segment_ids)
         if c.n_moe_layers:
             x, load = layer_stack(c, True, c.n_moe_layers, tree.MOE_STACK, self.remat, self.scan_unroll,
                                    self.cache, self.stacked)(x, positions, segment_ids)
             loads.append(load)
-        h = RMSNorm(c.d_model, c.rms_norm_eps, pd, name="final_norm")(x)
-        logits = constrain(linear(h, head).astype(jnp.float32), "act_batch", "act_length", "act_vocab")
-
-        mtp_logits = None
-        if c.mtp.depth and with_mtp:
-            outs, prev = [], h
-            for k in range(1, c.mtp.depth + 1):
-                nxt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # t_{i+k}; padding past the end
-                emb_next = constrain(take(embed, nxt).astype(dt), *ACT)
-                prev, hk, load = MTPModule(c, self.remat, self.cache, name=tree.mtp_name(k - 1))(prev, emb_next, positions, segment_ids)
-                if load is not None:
-                    loads.append(load[None])
-                outs.append(linear(hk, head).astype(jnp.float32))
-            mtp_logits = jnp.stack(outs)
+        out = head_and_mtp(c, x, embed, head, tokens, positions, segment_ids, self.remat, self.cache, with_mtp)
+        if out.expert_load is not None:
+            loads.append(out.expert_load)
         expert_load = jnp.concatenate(loads) if loads else None
-        return ModelOutput(logits=logits, mtp_logits=mtp_logits, expert_load=expert_load, hidden=h)
+        return out.replace(expert_load=expert_load)
+
+
+def embedding_params(mod: nn.Module, c: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Declare (in ``mod``) the embedding ``[v, d]`` and the head ``[d, v]`` (the embedding's transpose when
+    tied); the head in the compute dtype."""
+    pd = jnp.dtype(c.param_dtype)
+    embed = param(mod, tree.EMBED, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd, gather=False)
+    if c.tie_embeddings:
+        head = embed.T
+    else:
+        head = param(mod, tree.HEAD, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd, gather=False)
+    return embed, head.astype(jnp.dtype(c.dtype))
+
+
+def embed_and_dense(c: ModelConfig, embed, tokens, positions, segment_ids, remat="none", unroll=0, cache=None,
+                    stacked=True) -> jax.Array:
+    """The model's front, inside a compact method: ``Emb(tokens)`` through the dense-MLP stack -> ``[b, t, d]``."""
+    x = constrain(take(embed, tokens).astype(jnp.dtype(c.dtype)), *ACT)
+    if c.n_dense_layers:
+        x, _ = layer_stack(c, False, c.n_dense_layers, tree.DENSE_STACK, remat, unroll, cache, stacked)(
+            x, positions, segment_ids)
+    return x
+
+
+def head_and_mtp(c: ModelConfig, x, embed, head, tokens, positions, segment_ids, remat="none", cache=None,
+                 with_mtp=True) -> ModelOutput:
+    """The model's back, inside a compact method: final norm, ``logits``, then the MTP modules (their loads in
+    ``expert_load``, None without MoE MTP layers)."""
+    dt = jnp.dtype(c.dtype)
+    h = RMSNorm(c.d_model, c.rms_norm_eps, jnp.dtype(c.param_dtype), name=tree.FINAL_NORM)(x)
+    logits = constrain(linear(h, head).astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+    mtp_logits, loads = None, []
+    if c.mtp.depth and with_mtp:
+        outs, prev = [], h
+        for k in range(1, c.mtp.depth + 1):
+            nxt = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # t_{i+k}; padding past the end
+            emb_next = constrain(take(embed, nxt).astype(dt), *ACT)
+            prev, hk, load = MTPModule(c, remat, cache, name=tree.mtp_name(k - 1))(prev, emb_next, positions, segment_ids)
+            if load is not None:
+                loads.append(load[None])
+            outs.append(linear(hk, head).astype(jnp.float32))
+        mtp_logits = jnp.stack(outs)
+    return ModelOutput(logits=logits, mtp_logits=mtp_logits, expert_load=jnp.concatenate(loads) if loads else None,
+                       hidden=h)
 
 
 def abstract_variables(cfg: ModelConfig, batch: int = 1, length: int = 8) -> dict:

@@ -23,7 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 from deepseek_jax.kernels.grouped_gemm import grouped_gemm_impl, routed_experts
 from deepseek_jax.parallel.mesh import BATCH_AXES
@@ -92,6 +92,10 @@ def ep_routed_experts(x, weights, experts, w1, w3, w2, mesh, capacity_factor: fl
     ``w2[E_expert, F_tensor, D]`` -> ``(y[N_batch, D], dropped, dispatched)`` (row counts, global).
     ``fsdp=True``: the weights are passed as stored, ``D`` split over ``fsdp``, and gathered per device."""
     tensor = mesh.shape["tensor"]
+    if all(t == AxisType.Manual for t in mesh.axis_types):  # already per device (the pipeline executor's
+        # manual mode): run the body here, no nested shard_map (pipeline.md P3)
+        return _local(x, weights, experts, w1, w3, w2, capacity_factor=capacity_factor, tensor=tensor, fp8=fp8,
+                      fsdp=fsdp)
     tok = P(BATCH_AXES, None)
     d = "fsdp" if fsdp else None
     fn = jax.shard_map(

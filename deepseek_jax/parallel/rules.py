@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.parallel.mesh import BATCH_AXES
 
@@ -84,11 +84,25 @@ def batch_spec(ndim: int) -> P:
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
-    """``with_sharding_constraint`` by logical names when a mesh is set, else ``x`` unchanged."""
+    """``with_sharding_constraint`` by logical names when a mesh is set, else ``x`` unchanged. Inside a
+    ``shard_map`` (manual mode, e.g. the pipeline executor) the manual axes are dropped from the constraint:
+    the code there is per device, and only axes left to the compiler can be constrained."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(names))
+    spec = logical_spec(names)
+    manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual}
+    if manual:
+        spec = P(*(_without(e, manual) for e in spec))
+        if all(e is None for e in spec):
+            return x
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _without(entry, axes: set[str]):
+    """A ``PartitionSpec`` entry (None, an axis, or a tuple of axes) with ``axes`` removed."""
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
 def fsdp_gather(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

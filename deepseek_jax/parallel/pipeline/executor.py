@@ -6,8 +6,11 @@ of it (nothing differentiates through it), accumulated in the scan carry and red
 The model enters as three functions of per-device arrays (manual mode: collectives explicit)::
 
     embed_fn(shared, inputs) -> x                   before the first stage of a pipe (e.g. the embedding)
-    stage_fn(w, shared, x, inputs) -> y             one stage chunk: w is that chunk's parameters
-    loss_fn(shared, y, inputs) -> scalar            after the last stage of a pipe: the micro-batch's loss
+    stage_fn(w, shared, x, inputs) -> y | (y, extra_loss, stats)    one stage chunk (w: its parameters)
+    loss_fn(shared, y, inputs) -> loss | (loss, stats)              after the last stage of a pipe
+
+``extra_loss`` (e.g. a balance loss the stage's layers produce) joins the objective on every stage; ``stats``
+(e.g. expert loads) are summed over forward actions only (never the backward's recompute: pitfall P9).
 
 ``x``/``y`` are the activations passed between stages (one shape for all stages); ``inputs`` one micro-batch's
 inputs. Every rank evaluates ``embed_fn`` and ``loss_fn`` and keeps them only where its stage is first /
@@ -66,8 +69,20 @@ def _like(x, ref):
     return _vary(x, tuple(jax.typeof(ref).manual_axis_type.varying))
 
 
+def _split_stage(out):
+    """``stage_fn``'s result as ``(y, extra loss, stats)``: it may return ``y`` alone."""
+    return out if isinstance(out, tuple) else (out, 0.0, {})
+
+
+def _split_loss(out):
+    """``loss_fn``'s result as ``(loss, stats)``: it may return the loss alone."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
 class _Ranks:
-    """The per-device body's pieces: one instance per trace of ``make_executor``'s ``per_device``."""
+    """The per-device body's pieces: one instance per trace of ``make_executor``'s ``per_device``. The scan
+    carry is a dict: stashes ``x``/``g``, gradient sums ``gw`` (per chunk) and ``gsh``, the ``loss`` sum, and
+    the forward-only statistics ``stats`` (per chunk, from ``stage_fn``) and ``head_stats`` (from ``loss_fn``)."""
 
     def __init__(self, program, fns, w, shared, inputs, batch_axes, stage_axis):
         self.program, (self.embed_fn, self.stage_fn, self.loss_fn) = program, fns
@@ -86,32 +101,39 @@ class _Ranks:
         return jax.tree.map(lambda a: a[j], self.w)
 
     def run(self, wj, sh, x, row, part):
-        """One stage chunk on one micro-batch: ``(y, this micro-batch's share of the loss or 0)``."""
+        """One stage chunk on one micro-batch: ``(y, its share of the objective), (stage stats, head stats)``;
+        the head's loss and statistics count only where the stage is its pipe's last (a ``where``)."""
         inp = self.micro(row[_C[f"{part}_in"]])
         first, last = row[_C[f"{part}_first"]] == 1, row[_C[f"{part}_last"]] == 1
         x = jnp.where(first, _vary(self.embed_fn(sh, inp).astype(x.dtype), self.act_axes), x)
-        y = _vary(self.stage_fn(wj, sh, x, inp), self.act_axes)
-        loss = jnp.where(last, self.loss_fn(sh, y, inp) / self.program.n_inputs, 0.0)
-        return y, _vary(loss.astype(jnp.float32), self.act_axes)
+        y, extra, stats = _split_stage(self.stage_fn(wj, sh, x, inp))
+        y = _vary(y, self.act_axes)
+        loss, head_stats = _split_loss(self.loss_fn(sh, y, inp))
+        total = (extra + jnp.where(last, loss, 0.0)) / self.program.n_inputs
+        head_stats = jax.tree.map(lambda v: jnp.where(last, v, jnp.zeros_like(v)), head_stats)
+        return (y, _vary(jnp.asarray(total, jnp.float32), self.act_axes)), (stats, head_stats)
 
     def forward(self, carry, row):
-        x = carry[0][jnp.maximum(row[_C["f_x"]], 0)]
-        y, loss = self.run(self.chunk(row[_C["f_chunk"]]), self.shared, x, row, "f")
-        return carry[:4] + (carry[4] + loss,), y
+        x = carry["x"][jnp.maximum(row[_C["f_x"]], 0)]
+        j = row[_C["f_chunk"]]
+        (y, loss), (stats, head_stats) = self.run(self.chunk(j), self.shared, x, row, "f")
+        carry = dict(carry, loss=carry["loss"] + loss,  # statistics from forwards only (P9)
+                     stats=jax.tree.map(lambda acc, v: acc.at[j].add(_like(v, acc)), carry["stats"], stats),
+                     head_stats=jax.tree.map(lambda acc, v: acc + _like(v, acc), carry["head_stats"], head_stats))
+        return carry, y
 
     def backward(self, carry, row, want_w, want_x):
         """Recompute the chunk from its stashed input and take the vjp; ``I`` drops the weight cotangents and
         ``W`` the input cotangent (XLA removes the dead products)."""
-        xs, gs, gw, gsh, lsum = carry
         j = row[_C["b_chunk"]]
-        x, g = xs[jnp.maximum(row[_C["b_x"]], 0)], gs[jnp.maximum(row[_C["b_g"]], 0)]
-        (y, loss), vjp = jax.vjp(lambda wj, sh, x: self.run(wj, sh, x, row, "b"), self.chunk(j), self.shared, x)
+        x, g = carry["x"][jnp.maximum(row[_C["b_x"]], 0)], carry["g"][jnp.maximum(row[_C["b_g"]], 0)]
+        (y, loss), vjp = jax.vjp(lambda wj, sh, x: self.run(wj, sh, x, row, "b")[0], self.chunk(j), self.shared, x)
         gy = _like(jnp.where(row[_C["b_last"]] == 1, 0.0, g).astype(y.dtype), y)
         dw, dsh, dx = vjp((gy, _like(jnp.ones((), loss.dtype), loss)))
         if want_w:
-            gw = jax.tree.map(lambda acc, d: acc.at[j].add(_like(d, acc)), gw, dw)
-            gsh = jax.tree.map(lambda acc, d: acc + _like(d, acc), gsh, dsh)
-        return (xs, gs, gw, gsh, lsum), (_vary(dx, self.act_axes) if want_x else self.zero)
+            carry = dict(carry, gw=jax.tree.map(lambda acc, d: acc.at[j].add(_like(d, acc)), carry["gw"], dw),
+                         gsh=jax.tree.map(lambda acc, d: acc + _like(d, acc), carry["gsh"], dsh))
+        return carry, (_vary(dx, self.act_axes) if want_x else self.zero)
 
     def branch(self, kind):
         def body(carry, row):
@@ -138,41 +160,55 @@ class _Ranks:
 
     def tick(self, carry, row):
         carry, y, dx = jax.lax.switch(row[_C["kind"]], [self.branch(k) for k in range(6)], carry, row)
-        xs, gs, gw, gsh, lsum = carry
-        xs = self.deliver(xs, y, row[_C["f_to"]], row[_C["f_slot"]])
-        gs = self.deliver(gs, dx, row[_C["b_to"]], row[_C["b_slot"]])
-        return (xs, gs, gw, gsh, lsum), None
+        carry = dict(carry, x=self.deliver(carry["x"], y, row[_C["f_to"]], row[_C["f_slot"]]),
+                     g=self.deliver(carry["g"], dx, row[_C["b_to"]], row[_C["b_slot"]]))
+        return carry, None
+
+    def initial_carry(self):
+        stash = lambda depth: _vary(jnp.zeros((depth,) + self.act.shape, self.act.dtype), self.act_axes)  # noqa: E731
+        zeros = lambda tree: jax.tree.map(lambda v: _vary(jnp.zeros(v.shape, v.dtype), self.act_axes), tree)  # noqa: E731
+        row = jnp.asarray(self.program.table[0, 0])
+        _, (stats, head_stats) = jax.eval_shape(lambda: self.run(self.chunk(0), self.shared, self.zero, row, "f"))
+        k = len(self.program.chunks[0])
+        return {"x": stash(self.program.x_depth), "g": stash(self.program.g_depth),
+                "gw": jax.tree.map(jnp.zeros_like, self.w), "gsh": jax.tree.map(jnp.zeros_like, self.shared),
+                "loss": _vary(jnp.zeros((), jnp.float32), self.act_axes),
+                "stats": zeros(jax.tree.map(lambda v: jax.ShapeDtypeStruct((k,) + v.shape, v.dtype), stats)),
+                "head_stats": zeros(head_stats)}
 
     def __call__(self, table):
-        """Run this rank's row of the program; reduce once: mean over batch shards, sum over stages for what
-        every stage shares."""
-        stash = lambda depth: _vary(jnp.zeros((depth,) + self.act.shape, self.act.dtype), self.act_axes)  # noqa: E731
-        carry = (stash(self.program.x_depth), stash(self.program.g_depth), jax.tree.map(jnp.zeros_like, self.w),
-                 jax.tree.map(jnp.zeros_like, self.shared), _vary(jnp.zeros((), jnp.float32), self.act_axes))
+        """Run this rank's row of the program; reduce once: mean over batch shards (sum for statistics), sum
+        over stages for what every stage shares."""
         rank = jax.lax.axis_index(self.stage_axis)
-        (_, _, gw, gsh, lsum), _ = jax.lax.scan(self.tick, carry, table[rank])
+        out, _ = jax.lax.scan(self.tick, self.initial_carry(), table[rank])
         mean = (lambda v: jax.lax.pmean(v, self.batch_axes)) if self.batch_axes else (lambda v: v)
-        gw = jax.tree.map(lambda g: mean(g)[None], gw)
-        gsh = jax.tree.map(lambda g: mean(jax.lax.psum(g, self.stage_axis)), gsh)
-        return jax.lax.psum(mean(lsum), self.stage_axis), (gw, gsh)
+        total = (lambda v: jax.lax.psum(v, self.batch_axes)) if self.batch_axes else (lambda v: v)
+        gw = jax.tree.map(lambda g: mean(g)[None], out["gw"])
+        gsh = jax.tree.map(lambda g: mean(jax.lax.psum(g, self.stage_axis)), out["gsh"])
+        stats = jax.tree.map(lambda v: total(v)[None], out["stats"])
+        head_stats = jax.tree.map(lambda v: total(jax.lax.psum(v, self.stage_axis)), out["head_stats"])
+        return jax.lax.psum(mean(out["loss"]), self.stage_axis), (gw, gsh), (stats, head_stats)
 
 
 def make_executor(program: Program, mesh, embed_fn: Callable, stage_fn: Callable, loss_fn: Callable, *, w_specs,
                   shared_specs=None, input_specs=None, batch_axes=("data", "fsdp", "expert"), stage_axis="stage"):
-    """A jitted ``(w, shared, inputs) -> (loss, (w_grads, shared_grads))`` running ``program`` on ``mesh``.
+    """A jitted ``(w, shared, inputs) -> (loss, (w_grads, shared_grads), (stats, head_stats))`` running
+    ``program`` on ``mesh``.
 
     ``w_specs``/``shared_specs``: ``PartitionSpec`` trees of the global ``w`` (leading dims ``stage, None``)
     and ``shared``; ``inputs`` leaves are ``[n_inputs, batch, ...]``, the batch split over ``batch_axes``
     unless ``input_specs`` says otherwise. The loss is the mean over micro-batches (and batch shards) of
-    ``loss_fn``; gradients are those of that mean, ``w_grads`` in the ``[n_ranks, chunks, ...]`` layout."""
-    table = jnp.asarray(program.table)
+    ``loss_fn`` plus ``stage_fn``'s extra losses; gradients are those of that mean, ``w_grads`` and ``stats`` in
+    the ``[n_ranks, chunks, ...]`` layout. Statistics (e.g. expert loads) are summed over the forwards of all
+    micro-batches and batch shards."""
     batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
     shared_specs = P() if shared_specs is None else shared_specs
 
     def per_device(w, shared, inputs):
-        return _Ranks(program, (embed_fn, stage_fn, loss_fn), w, shared, inputs, batch_axes, stage_axis)(table)
+        return _Ranks(program, (embed_fn, stage_fn, loss_fn), w, shared, inputs, batch_axes, stage_axis)(
+            jnp.asarray(program.table))  # made here: a constant of this trace, never a captured one
 
     in_specs = (w_specs, shared_specs, P(None, batch_axes) if input_specs is None else input_specs)
-    fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=(P(), (w_specs, shared_specs)),
-                       check_vma=True)
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs,
+                       out_specs=(P(), (w_specs, shared_specs), (P(stage_axis), P())), check_vma=True)
     return jax.jit(fn)
