@@ -68,6 +68,12 @@ def default_block(rows: int, experts: int) -> int:
     return int(min(128, max(8, 1 << (mean - 1).bit_length())))
 
 
+def _zeros(primal: jax.Array, cotangent: jax.Array) -> jax.Array:
+    """Zeros shaped like ``primal`` for a backward loop's carry, typed (inside ``shard_map``) as varying like
+    both the primal and the incoming cotangent, as the loop's sums will be."""
+    return vary_like(vary_like(jnp.zeros_like(primal), cotangent), primal)
+
+
 @jax.custom_vjp
 def _used_block_mm(a: jax.Array, w: jax.Array, block_e: jax.Array, n_used: jax.Array) -> jax.Array:
     """``out[g] = a[g] @ w[block_e[g]]`` for ``g < n_used`` (zeros after): ``a [nb, B, i]``, ``w [e, i, o]``."""
@@ -86,7 +92,7 @@ def _used_block_mm_bwd(res, dy):
         da, dw = carry
         return da.at[g].set(dy[g] @ w[block_e[g]].T), dw.at[block_e[g]].add(a[g].T @ dy[g])
 
-    da, dw = jax.lax.fori_loop(0, n_used, body, (vary_like(jnp.zeros_like(a), dy), vary_like(jnp.zeros_like(w), dy)))
+    da, dw = jax.lax.fori_loop(0, n_used, body, (_zeros(a, dy), _zeros(w, dy)))
     return vary_like(da, a), vary_like(dw, w), None, None
 
 
@@ -175,7 +181,7 @@ def _overflow_experts_bwd(res, dy):
         return (dx.at[token].add(dh @ w13[e].T, mode="drop"), dgates,
                 dw13.at[e].add(xb.T @ dh), dw2.at[e].add(a.T @ dyb))
 
-    zeros = tuple(vary_like(vary_like(jnp.zeros_like(v), dy), v) for v in (x, gates, w13, w2))
+    zeros = tuple(_zeros(v, dy) for v in (x, gates, w13, w2))
     dx, dgates, dw13, dw2 = jax.lax.fori_loop(0, n_blocks, body, zeros)
     return vary_like(dx, x), vary_like(dgates, gates), None, None, None, vary_like(dw13, w13), vary_like(dw2, w2)
 
