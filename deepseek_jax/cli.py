@@ -14,6 +14,7 @@ import jax
 
 from deepseek_jax.analysis.layout import format_report
 from deepseek_jax.analysis.params import model_info
+from deepseek_jax.analysis.pipeline import parse_pipeline, pipeline_report
 from deepseek_jax.config import load_config
 from deepseek_jax.hf import config_from_hf
 from deepseek_jax.infer.engine import generate
@@ -54,6 +55,8 @@ def _info(args: argparse.Namespace) -> int:
     if args.mesh:
         _fake_cpu_devices(mesh_size(args.mesh))
     cfg = load_config(args.config) if args.config else config_from_hf(args.hf)
+    if args.pipeline:
+        return _pipeline(cfg, args)
     if args.mesh:
         return _layout(cfg, args)
     info = model_info(cfg)
@@ -73,6 +76,28 @@ def _info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    return 0
+
+
+def _pipeline(cfg, args: argparse.Namespace) -> int:
+    name, micro = parse_pipeline(args.pipeline)
+    ranks = parse_mesh(args.mesh or "").get("stage", 1)
+    if ranks < 2:
+        raise ValueError("--pipeline needs a stage axis in --mesh, e.g. --mesh stage=4")
+    r = pipeline_report(cfg, name, ranks, micro)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    print(f"{name}, {ranks} ranks, {micro} micro-batches: {r['stages']} stages of {r['moe_layers_per_stage']} MoE "
+          f"layers (embedding + {r['dense_layers_before_stage_0']} dense layers before stage 0; head + MTP after "
+          f"stage {r['stages'] - 1})")
+    print(f"  parameters: {r['stage_param_bytes'] / 1e6:,.1f} MB per stage, {r['shared_param_bytes'] / 1e6:,.1f} MB "
+          "shared (replicated over stage)")
+    for rank, (held, nbytes, bubble, peak) in enumerate(zip(r["stages_per_rank"], r["rank_param_bytes"], r["bubble"],
+                                                          r["peak_activations"])):
+        print(f"  rank {rank}: stages {held}, {nbytes / 1e6:,.1f} MB, bubble {bubble:g} (F = 1, B = 2), "
+              f"peak activations {peak}")
+    print(f"  bubble fraction {r['bubble_fraction']:.1%}, lock-step ticks {r['ticks']:g}")
     return 0
 
 
@@ -165,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=_positive, default=8, help="global batch of the step analysed with --mesh")
     p.add_argument("--seq", type=_positive, default=128, help="sequence length of the step analysed with --mesh")
     p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the training step")
+    p.add_argument("--pipeline", help="with --mesh stage=N: the stage split, bytes per rank, bubble and activation "
+                   "peak of SCHEDULE:MICROBATCHES, e.g. dualpipev:8 (schedules: gpipe, 1f1b, interleaved_1f1b, "
+                   "zb_h1, dualpipe, dualpipev)")
     p.add_argument("--remat", default="none", help="with --mesh: the training step's recomputation policy "
                    "(train.remat: none, full or deepseek)")
     p.set_defaults(fn=_info)

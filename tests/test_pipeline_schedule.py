@@ -3,9 +3,11 @@ from an independent transcription, validation over a sweep, DeepSeek's bubble ta
 activation peaks, the lock-step tick table and the stash slot allocation."""
 
 import itertools
+import json
 import random
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -178,3 +180,21 @@ def test_slot_allocation_is_optimal_and_never_shares_a_live_slot():
         s = pl.make_schedule(name, p, c)
         act_peak, w_peak = sim.peaks(s)
         assert sim.stash_slots(s, "I")[1] == act_peak and sim.stash_slots(s, "W")[1] == w_peak
+
+
+def test_info_reports_the_stage_split_bytes_and_bubble(capsys):
+    from deepseek_jax.cli import main
+    from deepseek_jax.nn import tree
+
+    assert main(["info", "--config", "tiny", "--mesh", "stage=2", "--pipeline", "1f1b:4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    v = dsj.init_variables(dsj.load_config("configs/tiny.yaml"), 0)  # real arrays: an independent byte count
+    moe = sum(a.nbytes for col in v.values() for a in jax.tree.leaves(col.get(tree.MOE_STACK, {})))
+    total = sum(a.nbytes for a in jax.tree.leaves(v))
+    assert r["stage_param_bytes"] == moe // 2 and r["shared_param_bytes"] == total - moe
+    assert r["rank_param_bytes"] == [moe // 2 + total - moe] * 2
+    assert r["bubble"] == [(2 - 1) * (1 + 2)] * 2 and r["peak_activations"] == [2, 1] and r["ticks"] == 10
+    assert main(["info", "--config", "tiny", "--mesh", "stage=2", "--pipeline", "1f1b"]) == 2
+    assert "SCHEDULE:MICROBATCHES" in capsys.readouterr().err
+    assert main(["info", "--config", "tiny", "--mesh", "stage=4", "--pipeline", "1f1b:4"]) == 2
+    assert "do not split evenly over 4 stages" in capsys.readouterr().err
