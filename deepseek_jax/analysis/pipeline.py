@@ -13,11 +13,11 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import stages
 from deepseek_jax.nn.transformer import abstract_variables
 from deepseek_jax.parallel.pipeline import make_schedule
-from deepseek_jax.parallel.pipeline.simulator import simulate
+from deepseek_jax.parallel.pipeline.simulator import UNIT_COSTS, simulate
 
 __all__ = ["pipeline_report", "parse_pipeline"]
 
-UNIT_COSTS = {"F": 1.0, "B": 2.0, "W": 1.0}  # a backward twice a forward, split evenly into I and W
+COSTS = {"F": 1.0, "B": 2.0, "W": 1.0}  # a backward twice a forward, split evenly into I and W
 
 
 def parse_pipeline(text: str) -> tuple[str, int]:
@@ -35,15 +35,15 @@ def _bytes(tree) -> int:
 def pipeline_report(cfg: ModelConfig, schedule_name: str, n_ranks: int, microbatches: int) -> dict:
     """The stage split (MoE layers per stage; embedding + dense layers before the first, head + MTP after the
     last), parameter bytes per stage, shared (replicated over ``stage``) and per rank, and the schedule's
-    per-rank bubble (costs :data:`UNIT_COSTS`), bubble fraction, peak activations and lock-step ticks."""
+    per-rank bubble (costs :data:`COSTS`), bubble fraction, peak activations and lock-step ticks."""
     schedule = make_schedule(schedule_name, n_ranks, microbatches)
     per = stages.check_stages(cfg, schedule.pipe_len)
     shapes = nn.meta.unbox(abstract_variables(cfg))
     split, shared = jax.eval_shape(lambda v: stages.split_variables(cfg, v, schedule.pipe_len), shapes)
     stage_bytes = _bytes(split) // schedule.pipe_len
     shared_bytes = _bytes(shared)
-    sim = simulate(schedule, UNIT_COSTS)
-    unit = simulate(schedule, {k: 1.0 for k in ("F", "B", "I", "W", "FB")})
+    sim = simulate(schedule, COSTS)
+    unit = simulate(schedule, UNIT_COSTS)
     return {"schedule": schedule_name, "ranks": n_ranks, "microbatches": microbatches,
             "stages": schedule.pipe_len, "moe_layers_per_stage": per, "dense_layers_before_stage_0": cfg.n_dense_layers,
             "stages_per_rank": [list(schedule.rank_stages(r)) for r in range(n_ranks)],

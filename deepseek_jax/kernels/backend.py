@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["FAST_KERNEL_BACKENDS", "has_fast_kernels", "vary_like"]
+__all__ = ["FAST_KERNEL_BACKENDS", "has_fast_kernels", "vary", "vary_like"]
 
 FAST_KERNEL_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -16,10 +16,14 @@ def has_fast_kernels(backend: str | None = None) -> bool:
     return (backend or jax.default_backend()) in FAST_KERNEL_BACKENDS
 
 
+def vary(x: jax.Array, axes) -> jax.Array:
+    """``x`` typed as varying over the manual mesh ``axes`` it does not yet vary over (inside ``shard_map``)."""
+    missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
     """``x`` typed as varying over every manual mesh axis ``ref`` varies over (identity outside
     ``shard_map``). A custom VJP's backward must return each cotangent with its primal's type; one built from
     zeros or from an invariant cotangent is cast with this (``ref``: the primal, or an empty slice of it)."""
-    want = jax.typeof(ref).manual_axis_type.varying
-    missing = tuple(a for a in want if a not in jax.typeof(x).manual_axis_type.varying)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return vary(x, tuple(jax.typeof(ref).manual_axis_type.varying))

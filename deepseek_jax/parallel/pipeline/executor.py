@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.kernels.backend import vary, vary_like
 from deepseek_jax.parallel.pipeline.program import COLUMNS, Program
 
 __all__ = ["make_executor", "stage_params", "merge_stage_grads"]
@@ -59,16 +60,6 @@ def merge_stage_grads(program: Program, grads):
     return jax.tree.map(merge, grads)
 
 
-def _vary(x, axes):
-    """``x`` made varying over those of ``axes`` it is not yet varying over."""
-    missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _like(x, ref):
-    return _vary(x, tuple(jax.typeof(ref).manual_axis_type.varying))
-
-
 def _split_stage(out):
     """``stage_fn``'s result as ``(y, extra loss, stats)``: it may return ``y`` alone."""
     return out if isinstance(out, tuple) else (out, 0.0, {})
@@ -88,11 +79,11 @@ class _Ranks:
         self.program, (self.embed_fn, self.stage_fn, self.loss_fn) = program, fns
         self.batch_axes, self.stage_axis = batch_axes, stage_axis
         self.act_axes = batch_axes + (stage_axis,)
-        self.w = jax.tree.map(lambda a: _vary(a[0], batch_axes), w)          # [chunks, ...], P2
-        self.shared = jax.tree.map(lambda a: _vary(a, self.act_axes), shared)
+        self.w = jax.tree.map(lambda a: vary(a[0], batch_axes), w)          # [chunks, ...], P2
+        self.shared = jax.tree.map(lambda a: vary(a, self.act_axes), shared)
         self.inputs = inputs
         act = self.act = jax.eval_shape(self.embed_fn, self.shared, self.micro(0))
-        self.zero = _vary(jnp.zeros(act.shape, act.dtype), self.act_axes)
+        self.zero = vary(jnp.zeros(act.shape, act.dtype), self.act_axes)
 
     def micro(self, i):
         return jax.tree.map(lambda a: a[i], self.inputs)
@@ -105,21 +96,21 @@ class _Ranks:
         the head's loss and statistics count only where the stage is its pipe's last (a ``where``)."""
         inp = self.micro(row[_C[f"{part}_in"]])
         first, last = row[_C[f"{part}_first"]] == 1, row[_C[f"{part}_last"]] == 1
-        x = jnp.where(first, _vary(self.embed_fn(sh, inp).astype(x.dtype), self.act_axes), x)
+        x = jnp.where(first, vary(self.embed_fn(sh, inp).astype(x.dtype), self.act_axes), x)
         y, extra, stats = _split_stage(self.stage_fn(wj, sh, x, inp))
-        y = _vary(y, self.act_axes)
+        y = vary(y, self.act_axes)
         loss, head_stats = _split_loss(self.loss_fn(sh, y, inp))
         total = (extra + jnp.where(last, loss, 0.0)) / self.program.n_inputs
         head_stats = jax.tree.map(lambda v: jnp.where(last, v, jnp.zeros_like(v)), head_stats)
-        return (y, _vary(jnp.asarray(total, jnp.float32), self.act_axes)), (stats, head_stats)
+        return (y, vary(jnp.asarray(total, jnp.float32), self.act_axes)), (stats, head_stats)
 
     def forward(self, carry, row):
         x = carry["x"][jnp.maximum(row[_C["f_x"]], 0)]
         j = row[_C["f_chunk"]]
         (y, loss), (stats, head_stats) = self.run(self.chunk(j), self.shared, x, row, "f")
         carry = dict(carry, loss=carry["loss"] + loss,  # statistics from forwards only (P9)
-                     stats=jax.tree.map(lambda acc, v: acc.at[j].add(_like(v, acc)), carry["stats"], stats),
-                     head_stats=jax.tree.map(lambda acc, v: acc + _like(v, acc), carry["head_stats"], head_stats))
+                     stats=jax.tree.map(lambda acc, v: acc.at[j].add(vary_like(v, acc)), carry["stats"], stats),
+                     head_stats=jax.tree.map(lambda acc, v: acc + vary_like(v, acc), carry["head_stats"], head_stats))
         return carry, y
 
     def backward(self, carry, row, want_w, want_x):
@@ -128,12 +119,12 @@ class _Ranks:
         j = row[_C["b_chunk"]]
         x, g = carry["x"][jnp.maximum(row[_C["b_x"]], 0)], carry["g"][jnp.maximum(row[_C["b_g"]], 0)]
         (y, loss), vjp = jax.vjp(lambda wj, sh, x: self.run(wj, sh, x, row, "b")[0], self.chunk(j), self.shared, x)
-        gy = _like(jnp.where(row[_C["b_last"]] == 1, 0.0, g).astype(y.dtype), y)
-        dw, dsh, dx = vjp((gy, _like(jnp.ones((), loss.dtype), loss)))
+        gy = vary_like(jnp.where(row[_C["b_last"]] == 1, 0.0, g).astype(y.dtype), y)
+        dw, dsh, dx = vjp((gy, vary_like(jnp.ones((), loss.dtype), loss)))
         if want_w:
-            carry = dict(carry, gw=jax.tree.map(lambda acc, d: acc.at[j].add(_like(d, acc)), carry["gw"], dw),
-                         gsh=jax.tree.map(lambda acc, d: acc + _like(d, acc), carry["gsh"], dsh))
-        return carry, (_vary(dx, self.act_axes) if want_x else self.zero)
+            carry = dict(carry, gw=jax.tree.map(lambda acc, d: acc.at[j].add(vary_like(d, acc)), carry["gw"], dw),
+                         gsh=jax.tree.map(lambda acc, d: acc + vary_like(d, acc), carry["gsh"], dsh))
+        return carry, (vary(dx, self.act_axes) if want_x else self.zero)
 
     def branch(self, kind):
         def body(carry, row):
@@ -165,14 +156,14 @@ class _Ranks:
         return carry, None
 
     def initial_carry(self):
-        stash = lambda depth: _vary(jnp.zeros((depth,) + self.act.shape, self.act.dtype), self.act_axes)  # noqa: E731
-        zeros = lambda tree: jax.tree.map(lambda v: _vary(jnp.zeros(v.shape, v.dtype), self.act_axes), tree)  # noqa: E731
+        stash = lambda depth: vary(jnp.zeros((depth,) + self.act.shape, self.act.dtype), self.act_axes)  # noqa: E731
+        zeros = lambda tree: jax.tree.map(lambda v: vary(jnp.zeros(v.shape, v.dtype), self.act_axes), tree)  # noqa: E731
         row = jnp.asarray(self.program.table[0, 0])
         _, (stats, head_stats) = jax.eval_shape(lambda: self.run(self.chunk(0), self.shared, self.zero, row, "f"))
         k = len(self.program.chunks[0])
         return {"x": stash(self.program.x_depth), "g": stash(self.program.g_depth),
                 "gw": jax.tree.map(jnp.zeros_like, self.w), "gsh": jax.tree.map(jnp.zeros_like, self.shared),
-                "loss": _vary(jnp.zeros((), jnp.float32), self.act_axes),
+                "loss": vary(jnp.zeros((), jnp.float32), self.act_axes),
                 "stats": zeros(jax.tree.map(lambda v: jax.ShapeDtypeStruct((k,) + v.shape, v.dtype), stats)),
                 "head_stats": zeros(head_stats)}
 

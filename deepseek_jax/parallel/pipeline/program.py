@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from deepseek_jax.parallel.pipeline.schedule import Action, Schedule
-from deepseek_jax.parallel.pipeline.simulator import TICK_KINDS, allocate_slots, simulate
+from deepseek_jax.parallel.pipeline.simulator import TICK_KINDS, UNIT_COSTS, allocate_slots, simulate
 
 __all__ = ["Program", "build_program", "COLUMNS"]
 
@@ -65,7 +65,7 @@ class Program:
 
 def _ticks(schedule: Schedule) -> dict[tuple[str, int, int], tuple[int, int]]:
     """``("F" | "I" | "W", stage, mb) -> (tick, rank)`` of a unit-cost run; a full ``B`` gives both I and W."""
-    sim = simulate(schedule, {k: 1.0 for k in ("F", "B", "I", "W", "FB")})
+    sim = simulate(schedule, UNIT_COSTS)
     owner = schedule.stage_rank()
     at: dict[tuple[str, int, int], tuple[int, int]] = {}
     for events in sim["trace"]:

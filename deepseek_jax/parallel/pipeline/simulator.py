@@ -21,9 +21,11 @@ import numpy as np
 
 from deepseek_jax.parallel.pipeline.schedule import Action, Schedule
 
-__all__ = ["simulate", "default_costs", "tick_table", "stash_slots", "allocate_slots", "peaks", "TICK_KINDS"]
+__all__ = ["simulate", "default_costs", "tick_table", "stash_slots", "allocate_slots", "peaks", "TICK_KINDS",
+           "UNIT_COSTS"]
 
 TICK_KINDS = ("NOOP", "F", "B", "I", "W", "FB")  # codes 0..5 in the tick table
+UNIT_COSTS = {"F": 1.0, "B": 1.0, "I": 1.0, "W": 1.0, "FB": 1.0}  # lock-step: every action one tick
 
 
 def default_costs(costs: dict | None = None) -> dict[str, float]:
@@ -123,8 +125,7 @@ def tick_table(schedule: Schedule) -> np.ndarray:
     ticks (a unit-cost, zero-latency simulation), so ``T`` is the unit-cost makespan and a rank's NOOP rows are
     its unit-cost bubble. ``F`` fills the ``_f`` columns, ``B``/``I``/``W`` the ``_b`` columns, ``FB`` both;
     unused columns hold -1."""
-    unit = {"F": 1.0, "B": 1.0, "I": 1.0, "W": 1.0, "FB": 1.0}
-    sim = simulate(schedule, unit)
+    sim = simulate(schedule, UNIT_COSTS)
     ticks = int(round(sim["makespan"]))
     table = np.full((schedule.n_ranks, ticks, 5), -1, np.int32)
     table[..., 0] = 0
