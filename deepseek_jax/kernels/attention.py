@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.kernels.backend import vary_like
+from deepseek_jax.kernels.backend import cotangent_like
 
 __all__ = ["ATTENTION_BLOCK", "causal_attention", "attention_block"]
 
@@ -113,7 +113,7 @@ def _bwd(scale, block, res, do):
         dk = dk.at[:, :end].add(jnp.einsum("bgmts,btgmh->bsgh", ds, q[:, start:end],
                                            preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dq, 1).reshape(b, t, n, h)
-    return (vary_like(dq, q).astype(q.dtype), vary_like(dk, k).astype(k.dtype), vary_like(dv, v).astype(v.dtype),
+    return (cotangent_like(dq, q).astype(q.dtype), cotangent_like(dk, k).astype(k.dtype), cotangent_like(dv, v).astype(v.dtype),
             None)  # segment ids: no cotangent
 
 

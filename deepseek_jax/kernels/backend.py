@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["FAST_KERNEL_BACKENDS", "has_fast_kernels", "vary", "vary_like"]
+__all__ = ["FAST_KERNEL_BACKENDS", "has_fast_kernels", "vary", "vary_like", "cotangent_like"]
 
 FAST_KERNEL_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -27,3 +27,13 @@ def vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
     ``shard_map``). A custom VJP's backward must return each cotangent with its primal's type; one built from
     zeros or from an invariant cotangent is cast with this (``ref``: the primal, or an empty slice of it)."""
     return vary(x, tuple(jax.typeof(ref).manual_axis_type.varying))
+
+
+def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A custom VJP's cotangent typed as its primal (inside ``shard_map``; identity outside): summed over the
+    manual axes it varies over and the primal does not -- the transpose of the implicit broadcast of an
+    invariant primal (tokens whole over ``tensor``) into a varying computation (weights split over
+    ``tensor``) -- then cast up to vary like the primal."""
+    extra = tuple(a for a in jax.typeof(ct).manual_axis_type.varying
+                  if a not in jax.typeof(primal).manual_axis_type.varying)
+    return vary_like(jax.lax.psum(ct, extra) if extra else ct, primal)

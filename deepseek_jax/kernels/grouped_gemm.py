@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from deepseek_jax.kernels.backend import has_fast_kernels, vary_like
+from deepseek_jax.kernels.backend import cotangent_like, has_fast_kernels, vary_like
 from deepseek_jax.kernels.fp8 import qdot
 
 __all__ = ["KERNELS", "grouped_gemm_impl", "default_block", "capacity_rows", "routed_experts"]
@@ -68,16 +68,19 @@ def default_block(rows: int, experts: int) -> int:
     return int(min(128, max(8, 1 << (mean - 1).bit_length())))
 
 
-def _zeros(primal: jax.Array, cotangent: jax.Array) -> jax.Array:
-    """Zeros shaped like ``primal`` for a backward loop's carry, typed (inside ``shard_map``) as varying like
-    both the primal and the incoming cotangent, as the loop's sums will be."""
-    return vary_like(vary_like(jnp.zeros_like(primal), cotangent), primal)
+def _zeros(like: jax.Array, *refs: jax.Array, shape=None) -> jax.Array:
+    """Zeros shaped like ``like`` (or ``shape``) for a loop's carry, typed (inside ``shard_map``) as varying
+    like ``like`` and every array in ``refs`` (the loop's inputs), as the loop's sums will be."""
+    z = jnp.zeros_like(like) if shape is None else vary_like(jnp.zeros(shape, like.dtype), like)
+    for r in (like,) + refs:
+        z = vary_like(z, r)
+    return z
 
 
 @jax.custom_vjp
 def _used_block_mm(a: jax.Array, w: jax.Array, block_e: jax.Array, n_used: jax.Array) -> jax.Array:
     """``out[g] = a[g] @ w[block_e[g]]`` for ``g < n_used`` (zeros after): ``a [nb, B, i]``, ``w [e, i, o]``."""
-    out = jnp.zeros(a.shape[:2] + w.shape[2:], a.dtype)
+    out = _zeros(a, w, shape=a.shape[:2] + w.shape[2:])
     return jax.lax.fori_loop(0, n_used, lambda g, out: out.at[g].set(a[g] @ w[block_e[g]]), out)
 
 
@@ -92,8 +95,8 @@ def _used_block_mm_bwd(res, dy):
         da, dw = carry
         return da.at[g].set(dy[g] @ w[block_e[g]].T), dw.at[block_e[g]].add(a[g].T @ dy[g])
 
-    da, dw = jax.lax.fori_loop(0, n_used, body, (_zeros(a, dy), _zeros(w, dy)))
-    return vary_like(da, a), vary_like(dw, w), None, None
+    da, dw = jax.lax.fori_loop(0, n_used, body, (_zeros(a, dy, w), _zeros(w, dy, a)))
+    return cotangent_like(da, a), cotangent_like(dw, w), None, None
 
 
 _used_block_mm.defvjp(_used_block_mm_fwd, _used_block_mm_bwd)
@@ -115,7 +118,7 @@ def _take_rows_bwd(res, g):
     idx, back, x_type = res
     r, s = back.shape
     dx = jnp.take(g, back.reshape(-1), axis=0, mode="fill", fill_value=0).reshape((r, s) + g.shape[1:]).sum(1)
-    return vary_like(dx, x_type), None, None
+    return cotangent_like(dx, x_type), None, None
 
 
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
@@ -156,7 +159,7 @@ def _overflow_experts(x, gates, order, blocks, n_blocks, w13, w2):
         _, token, gate, e, xb = _overflow_block(x, gates, order, blocks, g)
         return y.at[token].add(gate[:, None] * _swiglu(xb, w13[e], w2[e], jnp.matmul)[2], mode="drop")
 
-    return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros_like(x))
+    return jax.lax.fori_loop(0, n_blocks, body, _zeros(x, gates, w13, w2))
 
 
 def _overflow_experts_fwd(x, gates, order, blocks, n_blocks, w13, w2):
@@ -181,9 +184,10 @@ def _overflow_experts_bwd(res, dy):
         return (dx.at[token].add(dh @ w13[e].T, mode="drop"), dgates,
                 dw13.at[e].add(xb.T @ dh), dw2.at[e].add(a.T @ dyb))
 
-    zeros = tuple(_zeros(v, dy) for v in (x, gates, w13, w2))
+    zeros = tuple(_zeros(v, dy, x, gates, w13, w2) for v in (x, gates, w13, w2))
     dx, dgates, dw13, dw2 = jax.lax.fori_loop(0, n_blocks, body, zeros)
-    return vary_like(dx, x), vary_like(dgates, gates), None, None, None, vary_like(dw13, w13), vary_like(dw2, w2)
+    return (cotangent_like(dx, x), cotangent_like(dgates, gates), None, None, None, cotangent_like(dw13, w13),
+            cotangent_like(dw2, w2))
 
 
 _overflow_experts.defvjp(_overflow_experts_fwd, _overflow_experts_bwd)
@@ -236,6 +240,13 @@ def _combine(y_rows: jax.Array, pair_row: jax.Array, row_pair: jax.Array, weight
     return jnp.einsum("nkd,nk->nd", y_pairs, weights.astype(y_rows.dtype))
 
 
+def _rank_right(ends: jax.Array, values: jax.Array) -> jax.Array:
+    """``searchsorted(ends, values, side="right")`` for short sorted ``ends`` (one per expert): how many ends
+    are <= each value. Written as a comparison because ``jnp.searchsorted`` of a device-varying ``ends`` by
+    an invariant ``values`` fails to type inside a partially manual ``shard_map`` (jax 0.10.2)."""
+    return jnp.sum(ends[None, :] <= values[:, None], axis=1, dtype=jnp.int32)
+
+
 def _capacity_kernel(x, weights, pairs: SortedPairs, w13, w2, *, block: int, fp8, main_capacity: float) -> jax.Array:
     """The ``"capacity"`` kernel (see the module docstring); no FP8 form (its overflow loop has none)."""
     del fp8
@@ -261,7 +272,7 @@ def _capacity_kernel(x, weights, pairs: SortedPairs, w13, w2, *, block: int, fp8
     n_blk = (over + block - 1) // block
     blk_end = jnp.cumsum(n_blk)
     g = jnp.arange(-(-(m - cap) // block) + e)  # static bound on sum_e ceil(over_e / block)
-    be = jnp.minimum(jnp.searchsorted(blk_end, g, side="right"), e - 1).astype(jnp.int32)
+    be = jnp.minimum(_rank_right(blk_end, g), e - 1).astype(jnp.int32)
     blocks = jnp.stack([start[be] + cap + (g - blk_end[be] + n_blk[be]) * block, start[be] + counts[be], be], -1)
     order_pad = jnp.concatenate([order, jnp.full((block,), m, jnp.int32)])
     return y + _overflow_experts(x, weights.reshape(m).astype(x.dtype), order_pad, blocks, blk_end[-1], w13, w2)
@@ -304,7 +315,7 @@ def _block_layout(x, pairs: SortedPairs, k: int, e: int, block: int) -> _BlockLa
     pair_row = dest[jnp.argsort(order)].reshape(n, k)
     row_token = jnp.where(row_pair < m, row_pair // k, n)
     xb = _take_rows(x, row_token, pair_row).reshape(nb, block, d)
-    block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb) * block, side="right"), e - 1)
+    block_e = jnp.minimum(_rank_right(pend, jnp.arange(nb) * block), e - 1)
     return _BlockLayout(xb, block_e, pend[-1] // block, pair_row, row_pair)
 
 

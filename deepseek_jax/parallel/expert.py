@@ -23,12 +23,19 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.kernels.grouped_gemm import grouped_gemm_impl, routed_experts
-from deepseek_jax.parallel.mesh import BATCH_AXES
+from deepseek_jax.parallel.mesh import BATCH_AXES, manual_axes
 
-__all__ = ["ep_routed_experts", "dispatch_capacity"]
+__all__ = ["ep_routed_experts", "dispatch_capacity", "local_expert_shards"]
+
+
+def local_expert_shards() -> int:
+    """How many shards the routed experts are split into *here*: the ``expert`` axis size inside a region
+    manual over it (the pipeline executor, where each device holds ``e / expert`` experts), else 1 (the
+    weights are global arrays, sharded or not)."""
+    return jax.lax.axis_size("expert") if "expert" in manual_axes() else 1
 
 
 def dispatch_capacity(n_local: int, k: int, shards: int, capacity_factor: float | None) -> int:
@@ -92,10 +99,16 @@ def ep_routed_experts(x, weights, experts, w1, w3, w2, mesh, capacity_factor: fl
     ``w2[E_expert, F_tensor, D]`` -> ``(y[N_batch, D], dropped, dispatched)`` (row counts, global).
     ``fsdp=True``: the weights are passed as stored, ``D`` split over ``fsdp``, and gathered per device."""
     tensor = mesh.shape["tensor"]
-    if all(t == AxisType.Manual for t in mesh.axis_types):  # already per device (the pipeline executor's
-        # manual mode): run the body here, no nested shard_map (pipeline.md P3)
+    manual = manual_axes()
+    if "expert" in manual:  # already per device over the batch axes (the pipeline executor): run the body
+        # here, no nested shard_map (pipeline.md P3). A tensor axis left to the compiler must not split F here:
+        # resharding the kernel's [w1 | w3] concatenation takes collective-permutes, which deadlock inside
+        # the executor's per-stage branches on XLA:CPU (the pipeline keeps routed experts whole over tensor).
+        if "tensor" not in manual and tensor > 1:  # whole over tensor, also if the compiler would rather split
+            w1, w3, w2 = (jax.lax.with_sharding_constraint(w, P()) for w in (w1, w3, w2))
+            tensor = 1
         return _local(x, weights, experts, w1, w3, w2, capacity_factor=capacity_factor, tensor=tensor, fp8=fp8,
-                      fsdp=fsdp)
+                      fsdp=fsdp and "fsdp" not in manual)
     tok = P(BATCH_AXES, None)
     d = "fsdp" if fsdp else None
     fn = jax.shard_map(

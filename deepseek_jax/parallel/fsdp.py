@@ -22,16 +22,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.parallel.mesh import BATCH_AXES
+from deepseek_jax.parallel.mesh import BATCH_AXES, manual_axes
 from deepseek_jax.parallel.rules import logical_spec
 
 __all__ = ["fsdp_active", "fsdp_matmul", "fsdp_take"]
 
 
 def fsdp_active() -> bool:
-    """True inside ``jax.set_mesh`` of a mesh whose ``fsdp`` axis has more than one device."""
+    """True inside ``jax.set_mesh`` of a mesh whose ``fsdp`` axis has more than one device, unless ``fsdp`` is
+    manual here (the pipeline executor gathers the weights once per step and splits only the batch)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and dict(mesh.shape).get("fsdp", 1) > 1
+    return not mesh.empty and dict(mesh.shape).get("fsdp", 1) > 1 and "fsdp" not in manual_axes()
 
 
 def _batch_axis(s) -> bool:

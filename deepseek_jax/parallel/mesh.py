@@ -8,7 +8,7 @@ from typing import Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-__all__ = ["MESH_AXES", "BATCH_AXES", "parse_mesh", "mesh_size", "make_mesh", "describe"]
+__all__ = ["MESH_AXES", "BATCH_AXES", "parse_mesh", "mesh_size", "make_mesh", "describe", "manual_axes"]
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "stage")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over all three
@@ -57,3 +57,12 @@ def make_mesh(axes: dict[str, int] | str, devices: Sequence[jax.Device] | None =
         raise ValueError(f"mesh {desc} has {math.prod(shape)} devices but {len(devices)} are in use; "
                          "make the sizes multiply to the device count")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def manual_axes() -> frozenset[str]:
+    """The axes of the current (abstract) mesh that are manual here, i.e. inside a ``shard_map`` over them
+    (the pipeline executor): code there is per device along those axes. Empty outside ``shard_map``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return frozenset()
+    return frozenset(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)

@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deepseek_jax.parallel.mesh import BATCH_AXES
+from deepseek_jax.parallel.mesh import BATCH_AXES, manual_axes
 
 __all__ = ["RULES", "logical_spec", "named_sharding", "batch_spec", "constrain", "fsdp_gather"]
 
@@ -91,7 +91,7 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     if mesh.empty:
         return x
     spec = logical_spec(names)
-    manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual}
+    manual = manual_axes()
     if manual:
         spec = P(*(_without(e, manual) for e in spec))
         if all(e is None for e in spec):
@@ -111,10 +111,11 @@ def fsdp_gather(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     ``W[D_fsdp, F] -> W[D, F]`` by an explicit ``all_gather`` over ``fsdp`` in ``jax.shard_map``. The
     result is replicated, so its gradient is all-reduced before the gather's transpose reduce-scatters it:
     products use :mod:`deepseek_jax.parallel.fsdp` instead; this serves other uses (FP8 weights, the
-    absorbed-MLA decode). A no-op without a mesh or with ``fsdp = 1``.
+    absorbed-MLA decode). A no-op without a mesh, with ``fsdp = 1`` or where ``fsdp`` is manual (the pipeline
+    executor gathers weights once per step).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
+    if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1 or "fsdp" in manual_axes():
         return x
     spec = logical_spec(names)
     dims = [i for i, s in enumerate(spec) if s == "fsdp"]

@@ -1,4 +1,5 @@
-"""The lock-step SPMD pipeline executor (pipeline.md §5): one ``shard_map`` manual over every mesh axis, a
+"""The lock-step SPMD pipeline executor (pipeline.md §5): one ``shard_map`` manual over the mesh axes (all, or
+all but ``auto_axes``, which the compiler partitions inside from sharding constraints), a
 ``lax.scan`` over the program's ticks, one ``lax.switch`` per tick on the action kind, fixed-shape
 ``ppermute`` channels over ``stage`` after it, and a manual ``jax.vjp`` per backward action. Gradients come out
 of it (nothing differentiates through it), accumulated in the scan carry and reduced once after the scan.
@@ -167,22 +168,38 @@ class _Ranks:
                 "stats": zeros(jax.tree.map(lambda v: jax.ShapeDtypeStruct((k,) + v.shape, v.dtype), stats)),
                 "head_stats": zeros(head_stats)}
 
-    def __call__(self, table):
+    def mean_grad(self, g, spec, extra=()):
+        """A gradient's one reduction: the mean over batch shards. A leaf split over a batch axis (experts over
+        ``expert``) already holds the sum over that axis's shards (the dispatch's transpose brought it), so it
+        is summed over the other batch axes only and divided by every shard."""
+        owned = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+        over = tuple(a for a in self.batch_axes if a not in owned) + tuple(extra)
+        shards = np.prod([jax.lax.axis_size(a) for a in self.batch_axes]) if self.batch_axes else 1
+        return (jax.lax.psum(g, over) if over else g) / shards
+
+    def __call__(self, table, w_specs, shared_specs):
         """Run this rank's row of the program; reduce once: mean over batch shards (sum for statistics), sum
         over stages for what every stage shares."""
         rank = jax.lax.axis_index(self.stage_axis)
         out, _ = jax.lax.scan(self.tick, self.initial_carry(), table[rank])
         mean = (lambda v: jax.lax.pmean(v, self.batch_axes)) if self.batch_axes else (lambda v: v)
         total = (lambda v: jax.lax.psum(v, self.batch_axes)) if self.batch_axes else (lambda v: v)
-        gw = jax.tree.map(lambda g: mean(g)[None], out["gw"])
-        gsh = jax.tree.map(lambda g: mean(jax.lax.psum(g, self.stage_axis)), out["gsh"])
+        gw = jax.tree.map(lambda g, s: self.mean_grad(g, s)[None], out["gw"], _spec_tree(w_specs, out["gw"]))
+        gsh = jax.tree.map(lambda g, s: self.mean_grad(g, s, (self.stage_axis,)), out["gsh"],
+                           _spec_tree(shared_specs, out["gsh"]))
         stats = jax.tree.map(lambda v: total(v)[None], out["stats"])
         head_stats = jax.tree.map(lambda v: total(jax.lax.psum(v, self.stage_axis)), out["head_stats"])
         return jax.lax.psum(mean(out["loss"]), self.stage_axis), (gw, gsh), (stats, head_stats)
 
 
+def _spec_tree(specs, like):
+    """``specs`` as a tree shaped like ``like`` (one ``PartitionSpec`` may stand for a whole tree)."""
+    return jax.tree.map(lambda _: specs, like) if isinstance(specs, P) else specs
+
+
 def make_executor(program: Program, mesh, embed_fn: Callable, stage_fn: Callable, loss_fn: Callable, *, w_specs,
-                  shared_specs=None, input_specs=None, batch_axes=("data", "fsdp", "expert"), stage_axis="stage"):
+                  shared_specs=None, input_specs=None, batch_axes=("data", "fsdp", "expert"), stage_axis="stage",
+                  auto_axes=()):
     """A jitted ``(w, shared, inputs) -> (loss, (w_grads, shared_grads), (stats, head_stats))`` running
     ``program`` on ``mesh``.
 
@@ -191,15 +208,21 @@ def make_executor(program: Program, mesh, embed_fn: Callable, stage_fn: Callable
     unless ``input_specs`` says otherwise. The loss is the mean over micro-batches (and batch shards) of
     ``loss_fn`` plus ``stage_fn``'s extra losses; gradients are those of that mean, ``w_grads`` and ``stats`` in
     the ``[n_ranks, chunks, ...]`` layout. Statistics (e.g. expert loads) are summed over the forwards of all
-    micro-batches and batch shards."""
-    batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    micro-batches and batch shards.
+
+    ``auto_axes``: mesh axes left to the compiler inside (e.g. ``tensor`` for a model whose tensor parallelism
+    is written as sharding constraints): the specs name only the other axes, and the functions see those
+    axes' global shapes. A leaf split over a batch axis in ``w_specs``/``shared_specs`` (experts over
+    ``expert``) must come out of the vjp summed over that axis (an all-to-all's transpose does that)."""
+    batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names and a not in auto_axes)
     shared_specs = P() if shared_specs is None else shared_specs
 
     def per_device(w, shared, inputs):
         return _Ranks(program, (embed_fn, stage_fn, loss_fn), w, shared, inputs, batch_axes, stage_axis)(
-            jnp.asarray(program.table))  # made here: a constant of this trace, never a captured one
+            jnp.asarray(program.table), w_specs, shared_specs)  # the table: a constant of this trace
 
     in_specs = (w_specs, shared_specs, P(None, batch_axes) if input_specs is None else input_specs)
-    fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs,
+    manual = {a for a in mesh.axis_names if a not in auto_axes}
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, axis_names=manual,
                        out_specs=(P(), (w_specs, shared_specs), (P(stage_axis), P())), check_vma=True)
     return jax.jit(fn)
