@@ -88,11 +88,12 @@ def _pipeline(cfg, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
-    print(f"{name}, {ranks} ranks, {micro} micro-batches: {r['stages']} stages of {r['moe_layers_per_stage']} MoE "
-          f"layers (embedding + {r['dense_layers_before_stage_0']} dense layers before stage 0; head + MTP after "
-          f"stage {r['stages'] - 1})")
-    print(f"  parameters: {r['stage_param_bytes'] / 1e6:,.1f} MB per stage, {r['shared_param_bytes'] / 1e6:,.1f} MB "
-          "shared (replicated over stage)")
+    split = r["moe_layers_per_stage"]
+    print(f"{name}, {ranks} ranks, {micro} micro-batches: {r['stages']} stages of {split} MoE layers (embedding + "
+          f"{r['dense_layers_before_stage_0']} dense layers before stage 0; head + MTP after stage {r['stages'] - 1})")
+    uneven = " (uneven: padded to the longest stage)" if len(set(split)) > 1 else ""
+    print(f"  parameters: {r['stage_param_bytes'] / 1e6:,.1f} MB per stage{uneven}, "
+          f"{r['shared_param_bytes'] / 1e6:,.1f} MB shared (replicated over stage)")
     for rank, (held, nbytes, bubble, peak) in enumerate(zip(r["stages_per_rank"], r["rank_param_bytes"], r["bubble"],
                                                           r["peak_activations"])):
         print(f"  rank {rank}: stages {held}, {nbytes / 1e6:,.1f} MB, bubble {bubble:g} (F = 1, B = 2), "

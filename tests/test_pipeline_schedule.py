@@ -196,5 +196,24 @@ def test_info_reports_the_stage_split_bytes_and_bubble(capsys):
     assert r["bubble"] == [(2 - 1) * (1 + 2)] * 2 and r["peak_activations"] == [2, 1] and r["ticks"] == 10
     assert main(["info", "--config", "tiny", "--mesh", "stage=2", "--pipeline", "1f1b"]) == 2
     assert "SCHEDULE:MICROBATCHES" in capsys.readouterr().err
+    assert r["moe_layers_per_stage"] == [1, 1]
     assert main(["info", "--config", "tiny", "--mesh", "stage=4", "--pipeline", "1f1b:4"]) == 2
-    assert "do not split evenly over 4 stages" in capsys.readouterr().err
+    assert "2 MoE layers (n_layers - first_k_dense_replace) cannot fill 4 stages" in capsys.readouterr().err
+
+
+def test_uneven_stage_splits_are_stated_and_padded():
+    from deepseek_jax.analysis.pipeline import pipeline_report
+    from deepseek_jax.nn.stages import stage_split
+
+    cfg = dsj.load_config("configs/tiny.yaml", n_layers=8)  # 7 MoE layers
+    assert stage_split(cfg, 4) == (1, 2, 2, 2)      # the extra layers: middle stages, then the last
+    assert stage_split(cfg, 3) == (2, 3, 2)
+    assert stage_split(cfg, 2) == (3, 4)
+    assert stage_split(cfg, 7) == (1,) * 7
+    assert stage_split(cfg, 2, [5, 2]) == (5, 2)
+    for bad in ([5, 1], [7, 0], [3, 2, 2]):
+        with pytest.raises(ValueError, match=r"pipeline.split=.* at least one layer and sum to the 7 MoE layers"):
+            stage_split(cfg, 2, bad)
+    r = pipeline_report(cfg, "1f1b", 2, 4, split=[5, 2])
+    one = pipeline_report(dsj.load_config("configs/tiny.yaml", n_layers=2), "1f1b", 1, 1)["stage_param_bytes"]
+    assert r["moe_layers_per_stage"] == [5, 2] and r["stage_param_bytes"] == 5 * one  # padded to the longest

@@ -16,7 +16,7 @@ from deepseek_jax.kernels.fp8 import quantize_weight
 from deepseek_jax.kernels.grouped_gemm import routed_experts
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.layers import MLP, linear, param
-from deepseek_jax.parallel.expert import ep_routed_experts
+from deepseek_jax.parallel.expert import ep_routed_experts, local_expert_shards
 from deepseek_jax.parallel.fsdp import fsdp_active
 
 __all__ = ["route", "sequence_balance", "MoE"]
@@ -87,9 +87,10 @@ class MoE(nn.Module):
         logits = linear(xf.astype(jnp.float32), kernel.astype(jnp.float32))
         weights, experts = route(logits, bias, m)
         self.sow(tree.INTERMEDIATES, tree.BALANCE, sequence_balance(logits.reshape(b, t, e), experts.reshape(b, t, -1), m))
+        el = e // local_expert_shards()  # per device inside a region manual over ``expert`` (the pipeline)
         w1, w3, w2 = (param(self, name, shape, names, std, pd, gather=False).astype(dt) for name, shape, names in (
-            ("w1", (e, d, f), ("exp", "embed", "mlp_moe")), ("w3", (e, d, f), ("exp", "embed", "mlp_moe")),
-            ("w2", (e, f, d), ("exp", "mlp_moe", "embed"))))
+            ("w1", (el, d, f), ("exp", "embed", "mlp_moe")), ("w3", (el, d, f), ("exp", "embed", "mlp_moe")),
+            ("w2", (el, f, d), ("exp", "mlp_moe", "embed"))))
         sharded = c.fp8 is None and fsdp_active()  # gathered inside the dispatch (reduce-scattered gradients)
         w1, w3, w2 = (w.value if sharded else w.gathered() for w in (w1, w3, w2))
         if c.fp8 is not None:  # one 128x128-block grid per expert, straight-through to the master weights

@@ -1,11 +1,11 @@
-"""The model cut into pipeline stages (pipeline.md §6): the MoE layer stack split evenly over the stages; the
-embedding and the dense-MLP layers run before the first stage, the final norm, head and MTP modules after the
-last. What runs before and after every stage is *shared* (replicated over ``stage``; its gradients are summed
-over the stages, where only the end stages contribute).
+"""The model cut into pipeline stages (pipeline.md §6): the MoE layer stack split over the stages (evenly, or
+unevenly as :func:`stage_split` states); the embedding and the dense-MLP layers run before the first stage,
+the final norm, head and MTP modules after the last. What runs before and after every stage is *shared*
+(replicated over ``stage``; its gradients are summed over the stages, where only the end stages contribute).
 
-    split_variables(cfg, variables, n)  ->  stage variables [n, L/n, ...] (params and router bias), shared ones
+    split_variables(cfg, variables, n)  ->  stage variables [n, m, ...] (params, router bias, active mask), shared
     front(cfg, shared, tokens, ...)     ->  x [b, t, d]                 embedding + dense stack
-    stage(cfg, w, x, ...)               ->  x, expert load [L/n, e], balance terms
+    stage(cfg, w, x, ...)               ->  x, expert load [m, e], balance loss terms (summed)
     back(cfg, shared, x, tokens, ...)   ->  ModelOutput (logits, mtp_logits, MTP loads), MTP balance terms
 
 These are plain functions of variables (each applies a small Linen module over a subset of the tree, with
@@ -15,44 +15,88 @@ per device.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
-from deepseek_jax.nn.block import layer_stack
+from deepseek_jax.nn.block import layer_cls, scan_unroll
 from deepseek_jax.nn.transformer import ModelOutput, embed_and_dense, embedding_params, head_and_mtp
 
-__all__ = ["check_stages", "split_variables", "join_stage_tree", "front", "stage", "back"]
+__all__ = ["stage_split", "split_tree", "split_variables", "join_layers", "join_stage_tree", "front", "stage", "back"]
 
 
-def check_stages(cfg: ModelConfig, n_stages: int) -> int:
-    """Layers per stage; raises naming the fields when the MoE stack does not split evenly."""
-    if cfg.n_moe_layers == 0:
+def stage_split(cfg: ModelConfig, n_stages: int, split: Sequence[int] | None = None) -> tuple[int, ...]:
+    """MoE layers per stage. ``split=None``: as even as possible; when the layers do not divide, the extra
+    layers go to the middle stages first, then the last, then the first (the first stage also runs the
+    embedding and the dense layers, the last the head and the MTP modules). An explicit ``split`` must list
+    one count >= 1 per stage summing to the MoE layers. Uneven stages are padded to the longest with
+    inactive layer slots (copies, passed through): a lock-step tick lasts as long as the longest stage
+    anyway, so the padding costs memory (one layer per missing slot), not time."""
+    n = cfg.n_moe_layers
+    if n == 0:
         raise ValueError("pipeline: the model has no MoE layer stack to split over stages (n_moe_layers = 0)")
-    if cfg.n_moe_layers % n_stages:
-        raise ValueError(f"pipeline: {cfg.n_moe_layers} MoE layers (n_layers - first_k_dense_replace) do not split "
-                         f"evenly over {n_stages} stages; choose a stage count that divides them")
-    return cfg.n_moe_layers // n_stages
+    if split is None:
+        if n < n_stages:
+            raise ValueError(f"pipeline: {n} MoE layers (n_layers - first_k_dense_replace) cannot fill {n_stages} "
+                             "stages (each needs one); use fewer stages or more layers")
+        counts = [n // n_stages] * n_stages
+        for s in (list(range(1, n_stages - 1)) + [n_stages - 1, 0])[:n % n_stages]:
+            counts[s] += 1
+        return tuple(counts)
+    split = tuple(int(c) for c in split)
+    if len(split) != n_stages or sum(split) != n or min(split) < 1:
+        raise ValueError(f"pipeline.split={list(split)} must give each of the {n_stages} stages at least one layer "
+                         f"and sum to the {n} MoE layers (n_layers - first_k_dense_replace)")
+    return split
 
 
-def split_variables(cfg: ModelConfig, variables: dict, n_stages: int) -> tuple[dict, dict]:
-    """``({params, router} of the MoE stack as [n_stages, L/n, ...], every other variable)``."""
-    per = check_stages(cfg, n_stages)
-    cut = lambda a: a.reshape((n_stages, per) + a.shape[1:])  # noqa: E731
+def _slots(split: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(layer index [n, m], active [n, m])`` of the padded stage layout, ``m = max(split)``: stage ``s``'s
+    slot ``j`` holds layer ``start_s + j`` if ``j < split[s]``, else a copy of its first layer (inactive)."""
+    starts = np.cumsum((0,) + tuple(split))[:-1]
+    m = max(split)
+    j = np.arange(m)[None]
+    active = j < np.asarray(split)[:, None]
+    return np.where(active, starts[:, None] + j, starts[:, None]), active
+
+
+def split_tree(variables: dict) -> tuple[dict, dict]:
+    """``({params, router} of the MoE stack, every other variable)``, leaves as they are (arrays, logical
+    names, shardings)."""
     stages, shared = {}, {}
     for col in (tree.PARAMS, tree.ROUTER):
         if col in variables:
-            stages[col] = jax.tree.map(cut, variables[col][tree.MOE_STACK])
+            stages[col] = variables[col][tree.MOE_STACK]
             shared[col] = {k: v for k, v in variables[col].items() if k != tree.MOE_STACK}
     return stages, shared
 
 
-def join_stage_tree(stages: dict, shared: dict) -> dict:
+def split_variables(cfg: ModelConfig, variables: dict, n_stages: int, split: Sequence[int] | None = None
+                    ) -> tuple[dict, dict]:
+    """``({params, router} of the MoE stack as [n_stages, m, ...] with the mask ``STAGE_ACTIVE [n_stages, m]``,
+    every other variable)``; ``m`` the longest stage's layer count (:func:`stage_split`)."""
+    index, active = _slots(stage_split(cfg, n_stages, split))
+    stages, shared = split_tree(variables)
+    stages = jax.tree.map(lambda a: a[index], stages)
+    stages[tree.STAGE_ACTIVE] = jnp.asarray(active, jnp.float32)
+    return stages, shared
+
+
+def join_layers(a: jax.Array, split: Sequence[int]) -> jax.Array:
+    """``[n, m, ...]`` per stage slot -> ``[L, ...]`` per MoE layer (inactive slots dropped)."""
+    rows, cols = np.nonzero(_slots(split)[1])  # row-major: stage by stage, layer by layer
+    return a[rows, cols]
+
+
+def join_stage_tree(stages: dict, shared: dict, split: Sequence[int]) -> dict:
     """Inverse of :func:`split_variables` for one collection (e.g. gradients of ``params``):
-    ``stages [n, L/n, ...]`` and the shared part -> the model's tree."""
-    flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stages)
-    return {**shared, tree.MOE_STACK: flat}
+    ``stages [n, m, ...]`` and the shared part -> the model's tree."""
+    return {**shared, tree.MOE_STACK: jax.tree.map(lambda a: join_layers(a, split), stages)}
 
 
 class _Front(nn.Module):
@@ -81,11 +125,23 @@ def front(cfg: ModelConfig, shared: dict, tokens, positions, segment_ids, remat:
 
 
 def stage(cfg: ModelConfig, w: dict, x, positions, segment_ids, remat: str = "none"):
-    """One stage's slice of the MoE stack (``w`` leaves ``[L/n, ...]``): ``(x, load [L/n, e], sown)``."""
-    per = jax.tree.leaves(w[tree.PARAMS])[0].shape[0]
-    (x, load), sown = layer_stack(cfg, True, per, tree.MOE_STACK, remat).apply(
-        w, x, positions, segment_ids, mutable=[tree.INTERMEDIATES])
-    return x, load, sown
+    """One stage's slice of the MoE stack, ``w`` leaves ``[m, ...]`` (optionally with the mask
+    ``STAGE_ACTIVE [m]``): ``(x, load [m, e], balance)``, an inactive slot passing ``x`` through and counting
+    no load and no balance loss. ``balance``: the sum of the layers' sequence-wise balance terms."""
+    w = dict(w)
+    active = w.pop(tree.STAGE_ACTIVE, None)
+    m = jax.tree.leaves(w[tree.PARAMS])[0].shape[0]
+    active = jnp.ones((m,), jnp.float32) if active is None else active
+    layer = layer_cls(remat)(cfg, True, None)
+
+    def body(x, slot):
+        wl, on = slot
+        (y, load), sown = layer.apply(wl, x, positions, segment_ids, mutable=[tree.INTERMEDIATES])
+        balance = sum(jnp.sum(b) for b in tree.collect(sown, tree.BALANCE))
+        return jnp.where(on > 0, y, x), (load * on, balance * on)
+
+    x, (load, balance) = jax.lax.scan(body, x, (w, active), unroll=scan_unroll(0, m, remat))
+    return x, load, jnp.sum(balance)
 
 
 def back(cfg: ModelConfig, shared: dict, x, tokens, positions, segment_ids, remat: str = "none"

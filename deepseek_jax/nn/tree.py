@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import jax
 
 __all__ = ["PARAMS", "ROUTER", "CACHE", "FP8_SCALE", "INTERMEDIATES", "DECODE", "MODEL_COLLECTIONS",
-           "DENSE_STACK", "MOE_STACK", "STACKS", "EMBED", "HEAD", "FINAL_NORM", "FFN", "SHARED", "MTP_LAYER",
+           "DENSE_STACK", "MOE_STACK", "STACKS", "STAGE_ACTIVE", "EMBED", "HEAD", "FINAL_NORM", "FFN", "SHARED", "MTP_LAYER",
            "ROUTER_WEIGHT", "ROUTER_BIAS", "BALANCE", "DROPPED_ROWS", "DISPATCHED_ROWS", "mtp_name",
            "layer_name", "unstack_layers", "is_mtp", "keys", "is_stacked", "is_norm", "is_routed_expert",
            "is_embedding", "split_mtp", "model_variables", "collect", "router_biases", "replace_router_biases"]
@@ -38,6 +38,7 @@ MODEL_COLLECTIONS = (PARAMS, ROUTER, FP8_SCALE)  # what a forward pass reads (no
 # module and parameter names
 DENSE_STACK, MOE_STACK = "dense_layers", "moe_layers"
 STACKS = (DENSE_STACK, MOE_STACK)
+STAGE_ACTIVE = "active_layers"  # pipeline stages (nn/stages.py): which of a stage's padded layer slots are real
 EMBED, HEAD, FFN, SHARED, MTP_LAYER = "embed", "head", "ffn", "shared", "layer"
 FINAL_NORM = "final_norm"
 ROUTED_WEIGHTS = ("w1", "w2", "w3")
