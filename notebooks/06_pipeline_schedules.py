@@ -168,11 +168,13 @@ for k in ref_shared:
 
 # %% [markdown]
 # ## The DeepSeek model in the executor
-# The same executor runs the DeepSeek model (`deepseek_jax.train.pipeline.pipeline_grad_fn`): embedding and
-# dense layers before stage 0, an even slice of the MoE stack per stage, final norm, head, MTP and the training
-# objective after the last. A small V3-style config (4 MoE layers, MTP depth 1) on `stage = 2 x data = 2` with
-# DualPipeV (2 ranks, 4 stages): the loss, the gradients and the expert loads against the unpipelined objective
-# averaged over the same micro-batches.
+# The same executor runs the DeepSeek model (`deepseek_jax.train.pipeline.pipeline_grad_fn`; in training,
+# `train.pipeline: {schedule, microbatches, split}`): embedding and dense layers before stage 0, a slice of the
+# MoE stack per stage (uneven slices allowed), final norm, head, MTP and the training objective after the last.
+# Inside a stage the experts are split over `expert` (all-to-all dispatch in the executor's branches) and the
+# heads and MLP widths over `tensor`. A small V3-style config (4 MoE layers, MTP depth 1) on
+# `stage = 2 x expert = 2 x tensor = 2` with DualPipeV (2 ranks, 4 stages): the loss, the gradients and the
+# expert loads against the unpipelined objective averaged over the same micro-batches.
 
 # %%
 from deepseek_jax.nn import tree  # noqa: E402
@@ -191,8 +193,8 @@ batch = {"tokens": tokens, "positions": jax.numpy.broadcast_to(jax.numpy.arange(
          "segment_ids": jax.numpy.ones((rows, t), jax.numpy.int32)}
 objective, hyp = Pretrain(balance_alpha=0.01), hyper(0.3, 0.0)
 schedule = make_schedule("dualpipev", 2, 4)
-mesh = make_mesh({"stage": 2, "data": 2}, jax.devices()[:4])
-loss, grads, load = pipeline_grad_fn(cfg, mesh, schedule, objective)(params, router, batch, hyp)
+mesh = make_mesh({"stage": 2, "expert": 2, "tensor": 2})
+loss, grads, load, metrics = pipeline_grad_fn(cfg, mesh, schedule, objective)(params, router, batch, hyp)
 
 mb = microbatches(batch, 4)
 
@@ -208,3 +210,4 @@ errors = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) /
 print(f"loss pipelined {float(loss):.6f} vs unpipelined {float(ref_loss):.6f}")
 print(f"largest relative gradient error over {len(errors)} parameters: {max(errors):.1e}")
 print("expert loads identical:", bool(np.all(np.asarray(load) == np.asarray(ref_load))), "shape", load.shape)
+print("metrics:", {k: np.round(np.asarray(v), 4).tolist() for k, v in metrics.items()})

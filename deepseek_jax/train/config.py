@@ -12,10 +12,11 @@ from deepseek_jax.config import ModelConfig, config_from_dict
 from deepseek_jax.config_io import from_dict, merge, parse_overrides, read_yaml, resolve_config_path, strip_train_section
 from deepseek_jax.nn.block import REMAT_POLICIES
 from deepseek_jax.parallel.mesh import parse_mesh
+from deepseek_jax.parallel.pipeline.schedule import SCHEDULES
 from deepseek_jax.train.data import DataConfig
 from deepseek_jax.train.optim import OptimConfig
 
-__all__ = ["Schedulable", "scheduled", "TrainConfig", "StepConfig", "load_run_config"]
+__all__ = ["Schedulable", "scheduled", "PipelineConfig", "TrainConfig", "StepConfig", "load_run_config"]
 
 Schedulable = float | tuple[tuple[int, float], ...]
 
@@ -44,12 +45,45 @@ def _schedulable(name: str, value: Any) -> Schedulable:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline parallelism over the mesh's ``stage`` axis (the ``train.pipeline`` section).
+
+    Attributes:
+      schedule: ``none`` (off) or one of ``gpipe, 1f1b, interleaved_1f1b, zb_h1, dualpipe, dualpipev``.
+      microbatches: micro-batches per step (per pipe: DualPipe runs two pipes of that many; see
+        :mod:`deepseek_jax.parallel.pipeline.schedule` for each schedule's minimum); the global batch splits
+        into them, and each into the ``data x fsdp x expert`` shards.
+      split: MoE layers per stage, e.g. ``[15, 15, 14, 14]`` (default: as even as possible,
+        :func:`deepseek_jax.nn.stages.stage_split`).
+    """
+
+    schedule: str = "none"
+    microbatches: int = 1
+    split: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.schedule != "none" and self.schedule not in SCHEDULES:
+            raise ValueError(f"train.pipeline.schedule={self.schedule!r} must be 'none' or one of {sorted(SCHEDULES)}")
+        if not isinstance(self.microbatches, int) or isinstance(self.microbatches, bool) or self.microbatches < 1:
+            raise ValueError(f"train.pipeline.microbatches={self.microbatches!r} must be a positive integer")
+        if self.split is not None:
+            if isinstance(self.split, (str, bytes)) or not all(isinstance(c, int) for c in self.split):
+                raise ValueError(f"train.pipeline.split={self.split!r} must be a list of layer counts, one per stage")
+            object.__setattr__(self, "split", tuple(self.split))
+
+    @property
+    def on(self) -> bool:
+        return self.schedule != "none"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything about a run except the architecture (the ``train:`` section of a preset).
 
     Attributes:
       steps, batch_size (global rows), seq_len, seed.
-      mesh: e.g. ``"data=2,expert=2,tensor=2"``; empty = ``data`` over every device.
+      mesh: e.g. ``"data=2,expert=2,tensor=2"`` or ``"stage=4,data=2"``; empty = ``data`` over every device.
+      pipeline: :class:`PipelineConfig` (a ``stage`` axis in the mesh needs a schedule).
       out: run folder (checkpoints, metrics.jsonl, tensorboard/, tokenizer.json).
       remat: ``none`` | ``full`` | ``deepseek`` (see :func:`deepseek_jax.nn.block.remat_policy`).
       mtp_lambda: MTP loss weight (divided by the depth), number or ``[[from_step, value], ...]``
@@ -85,6 +119,7 @@ class TrainConfig:
     peak_flops: float = 0.0
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         for n in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -100,8 +135,10 @@ class TrainConfig:
             raise ValueError("train.sample_tokens and train.eval_batches must be >= 0")
         object.__setattr__(self, "mtp_lambda", _schedulable("train.mtp_lambda", self.mtp_lambda))
         object.__setattr__(self, "bias_gamma", _schedulable("train.bias_gamma", self.bias_gamma))
-        if self.mesh:
-            parse_mesh(self.mesh)
+        stage = parse_mesh(self.mesh).get("stage", 1) if self.mesh else 1
+        if stage > 1 and not self.pipeline.on:
+            raise ValueError(f"train.mesh={self.mesh!r} has stage={stage}: set train.pipeline.schedule (e.g. "
+                             "train.pipeline.schedule=1f1b train.pipeline.microbatches=8) to run the stages")
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"train.optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.steps}; "
                              "lower the warm-up or run longer")
@@ -118,7 +155,7 @@ class StepConfig:
     Attributes:
       batch_size, seq_len: the global batch's shape. steps: the length of the learning-rate schedule.
       remat: recomputation policy. bias_center: see ``TrainConfig``. optim: the optimiser (EMA excluded:
-      it lives on the host).
+      it lives on the host). pipeline: the stage schedule (``TrainConfig.pipeline``).
     """
 
     batch_size: int
@@ -127,11 +164,13 @@ class StepConfig:
     remat: str = "none"
     bias_center: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @classmethod
     def from_train(cls, tcfg: TrainConfig) -> "StepConfig":
         return cls(batch_size=tcfg.batch_size, seq_len=tcfg.seq_len, steps=tcfg.steps, remat=tcfg.remat,
-                   bias_center=tcfg.bias_center, optim=dataclasses.replace(tcfg.optim, ema_decay=0.0))
+                   bias_center=tcfg.bias_center, optim=dataclasses.replace(tcfg.optim, ema_decay=0.0),
+                   pipeline=tcfg.pipeline)
 
 
 def load_run_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> tuple[ModelConfig, TrainConfig]:

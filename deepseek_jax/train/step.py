@@ -14,6 +14,7 @@ their schedules never recompile the step.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,12 +29,14 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.placement import check_layout, init_unboxed, param_shardings
 from deepseek_jax.nn.transformer import Transformer
-from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
+from deepseek_jax.parallel.mesh import BATCH_AXES, make_mesh, mesh_size, parse_mesh
+from deepseek_jax.parallel.pipeline import make_schedule
 from deepseek_jax.parallel.rules import batch_spec
 from deepseek_jax.train.balance import max_violation, update_router_bias
 from deepseek_jax.train.config import StepConfig
 from deepseek_jax.train.objectives import Objective, Pretrain, cross_entropy, shifted_targets
 from deepseek_jax.train.optim import make_optimizer
+from deepseek_jax.train.pipeline import pipeline_grad_fn, stage_shardings
 
 __all__ = ["TrainFns", "make_train_fns", "step_layout_report", "objective_loss", "mesh_for", "global_batch", "local_rows", "hyper"]
 
@@ -93,12 +96,13 @@ def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh
         return {tree.PARAMS: v[tree.PARAMS], tree.ROUTER: v.get(tree.ROUTER, {}),
                 "opt_state": tx.init(v[tree.PARAMS]), "step": jnp.zeros([], jnp.int32)}
 
-    state_sh = _state_shardings(cfg, mesh, tx, init, replicated)
+    state_sh = _state_shardings(cfg, mesh, tx, init, replicated, sc.pipeline.on)
+
+    grad_fn = _grad_fn(cfg, sc, objective, mesh)
 
     def step(state, batch, hyper):
         params, router = state[tree.PARAMS], state[tree.ROUTER]
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: objective_loss(cfg, sc.remat, objective, p, router, batch, hyper), has_aux=True)(params)
+        loss, aux, grads = grad_fn(params, router, batch, hyper)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         load = aux.pop("expert_load")
         metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
@@ -136,6 +140,30 @@ def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh
                     compile_step=compile_step)
 
 
+def _grad_fn(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh: Mesh) -> Callable:
+    """``(params, router, batch, hyper) -> (loss, metrics with expert_load, grads)``: ``jax.value_and_grad`` of
+    the objective, or with ``sc.pipeline`` on, the pipeline executor over the mesh's ``stage`` axis (the loss
+    then the mean over micro-batches and batch shards, like gradient accumulation)."""
+    if not sc.pipeline.on:
+        def value_and_grad(params, router, batch, hyper):
+            (loss, aux), grads = jax.value_and_grad(
+                lambda p: objective_loss(cfg, sc.remat, objective, p, router, batch, hyper), has_aux=True)(params)
+            return loss, aux, grads
+        return value_and_grad
+    schedule = make_schedule(sc.pipeline.schedule, mesh.shape["stage"], sc.pipeline.microbatches)
+    n_inputs = schedule.n_microbatches * (schedule.n_stages // schedule.pipe_len)
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if sc.batch_size % (n_inputs * shards):
+        raise ValueError(f"train.batch_size={sc.batch_size} must split into {n_inputs} micro-batches "
+                         f"(train.pipeline: {sc.pipeline.schedule}) of data*fsdp*expert={shards} shards")
+    piped = pipeline_grad_fn(cfg, mesh, schedule, objective, sc.remat, sc.pipeline.split)
+
+    def pipelined(params, router, batch, hyper):
+        loss, grads, load, metrics = piped(params, router, batch, hyper)
+        return loss, {**metrics, "expert_load": load}, grads
+    return pipelined
+
+
 def step_layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, remat: str = "none",
                        objective: Objective | None = None, compile: bool = True) -> dict[str, Any]:
     """:func:`~deepseek_jax.analysis.layout.layout_report` of the REAL training step on ``mesh``: the
@@ -151,9 +179,12 @@ def step_layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, remat
 
 
 def _state_shardings(cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation, init: Callable,
-                     replicated: NamedSharding) -> dict:
-    """Parameters and router by the rules table; optimiser moments like their parameters; counters replicated."""
+                     replicated: NamedSharding, pipelined: bool = False) -> dict:
+    """Parameters and router by the rules table (the MoE stack over ``stage`` when pipelined); optimiser
+    moments like their parameters; counters replicated."""
     var_sh = param_shardings(cfg, mesh)
+    if pipelined:
+        var_sh = stage_shardings(cfg, mesh, var_sh)
     with jax.set_mesh(mesh):
         abstract = jax.eval_shape(init, jax.random.key(0))
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], var_sh[tree.PARAMS],
