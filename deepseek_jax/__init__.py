@@ -4,7 +4,7 @@ The public face (see the README and ``API.md``), imported lazily: ``import deeps
 heavy, and ``dsj.X`` imports X's home module on first use (so importing a leaf never imports training).
 
 Layout, bottom up (imports point down only): ``config``/``config_io``, ``kernels/``, ``parallel/`` ->
-``nn/`` -> ``infer/``, ``analysis/``, ``hf/`` -> ``train/`` -> ``cli``.
+``nn/`` -> ``infer/``, ``analysis/``, ``hf/`` -> ``train/`` -> ``post_train/`` -> ``cli``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "parallel": ("deepseek_jax.parallel", None),
     "analysis": ("deepseek_jax.analysis", None),
     "pipeline": ("deepseek_jax.parallel.pipeline", None),
+    "post_train": ("deepseek_jax.post_train", None),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,6 @@
+"""Post-training, DeepSeek-R1 style (post-training.md). So far GRPO's pure pieces: group advantages, the KL
+estimators and the clipped policy loss with its aggregations (:mod:`deepseek_jax.post_train.grpo`)."""
+
+from deepseek_jax.post_train.grpo import AGGREGATIONS, KL_ESTIMATORS, SCALES, group_advantages, grpo_loss, kl_estimate
+
+__all__ = ["group_advantages", "grpo_loss", "kl_estimate", "AGGREGATIONS", "KL_ESTIMATORS", "SCALES"]
