@@ -173,8 +173,8 @@ for k in ref_shared:
 # MoE stack per stage (uneven slices allowed), final norm, head, MTP and the training objective after the last.
 # Inside a stage the experts are split over `expert` (all-to-all dispatch in the executor's branches) and the
 # heads and MLP widths over `tensor`. A small V3-style config (4 MoE layers, MTP depth 1) on
-# `stage = 2 x expert = 2 x tensor = 2` with DualPipeV (2 ranks, 4 stages): the loss, the gradients and the
-# expert loads against the unpipelined objective averaged over the same micro-batches.
+# `stage = 2 x expert = 2` (this notebook fakes 4 devices) with DualPipeV (2 ranks, 4 stages): the loss, the
+# gradients and the expert loads against the unpipelined objective averaged over the same micro-batches.
 
 # %%
 from deepseek_jax.nn import tree  # noqa: E402
@@ -193,7 +193,7 @@ batch = {"tokens": tokens, "positions": jax.numpy.broadcast_to(jax.numpy.arange(
          "segment_ids": jax.numpy.ones((rows, t), jax.numpy.int32)}
 objective, hyp = Pretrain(balance_alpha=0.01), hyper(0.3, 0.0)
 schedule = make_schedule("dualpipev", 2, 4)
-mesh = make_mesh({"stage": 2, "expert": 2, "tensor": 2})
+mesh = make_mesh({"stage": 2, "expert": 2})
 loss, grads, load, metrics = pipeline_grad_fn(cfg, mesh, schedule, objective)(params, router, batch, hyp)
 
 mb = microbatches(batch, 4)

@@ -104,7 +104,7 @@ def _all_reduces(hlo):
 def test_one_gradient_reduction_after_the_loop_and_memory_flat_in_microbatches():
     mesh = make_mesh({"stage": 2, "data": 2, "tensor": 2})
     temps, hlo = {}, ""
-    for name, c in (("1f1b", 4), ("1f1b", 8), ("gpipe", 4), ("gpipe", 8)):
+    for name, c in (("1f1b", 4), ("1f1b", 8), ("dualpipev", 4), ("dualpipev", 8), ("gpipe", 4), ("gpipe", 8)):
         program = build_program(make_schedule(name, 2, c))
         stacked, shared, inputs = toy.problem(program.schedule, batch=64)
         step = make_executor(program, mesh, toy.embed, toy.stage, toy.loss, w_specs=toy.W_SPECS)
@@ -114,6 +114,8 @@ def test_one_gradient_reduction_after_the_loop_and_memory_flat_in_microbatches()
     act = 32 * D * 4  # one micro-batch's activation on one device: batch 64 over data=2, float32
     (t4, table4), (t8, table8) = temps["1f1b", 4], temps["1f1b", 8]
     assert t8 - t4 <= table8 - table4, temps  # only the (longer) tick table grows
+    (v4, vtable4), (v8, vtable8) = temps["dualpipev", 4], temps["dualpipev", 8]
+    assert v8 - v4 <= vtable8 - vtable4, temps
     (g4, _), (g8, _) = temps["gpipe", 4], temps["gpipe", 8]
     assert g8 - g4 >= 4 * act, temps         # GPipe stashes every micro-batch
     reduces = _all_reduces(hlo)
