@@ -1,0 +1,1 @@
+"""Built-in verifiable tasks for post-training (post-training.md §6)."""
