@@ -95,11 +95,9 @@ def test_pipelined_model_equals_the_unpipelined_objective(name, mesh):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,axes,micro,layers,split", [
     ("interleaved_1f1b", {"stage": 2, "data": 2}, 4, 4, None),
-    ("1f1b", {"stage": 1, "data": 2, "tensor": 2}, 3, 2, None),  # stage = 1: plain gradient accumulation
-    ("1f1b", {"stage": 2, "data": 2}, 4, 3, None),               # uneven: [1, 2] by default
-    ("dualpipev", {"stage": 2, "fsdp": 2, "expert": 2}, 4, 7, [1, 3, 2, 1]),  # uneven, chosen
-])
-def test_other_schedules_single_stage_and_uneven_splits(name, axes, micro, layers, split):
+    ("dualpipev", {"stage": 2, "fsdp": 2, "expert": 2}, 4, 7, [1, 3, 2, 1]),  # uneven (padded slots), chosen
+])  # stage = 1 (plain gradient accumulation) on the toy model: test_pipeline_executor.py
+def test_interleaved_and_an_uneven_split(name, axes, micro, layers, split):
     _check(name, axes, micro, layers, split)
 
 
