@@ -3,7 +3,7 @@ time, compiled temporary memory at C and 2C micro-batches, and step time, per sc
 step without a pipeline on the same devices (``stage`` folded into ``data``, the batch of C micro-batches).
 
 The trainer's real step (``make_train_fns``: AdamW, the bias update, the MoE stack over ``stage``) on a
-preset (default ``tiny``, 2 MoE layers, so 2 stages); a micro-batch holds ``--rows-per-micro`` rows of
+preset (default ``tiny`` with 5 layers: 1 dense + 4 MoE); a micro-batch holds ``--rows-per-micro`` rows of
 ``--seq`` tokens per batch shard, so doubling C doubles the global batch (what a pipeline's memory must not
 follow, and GPipe's does). On XLA:CPU every collective is synchronous and the 8 fake devices share the machine's
 cores, so the step times compare schedules with each other, not with real pipelines.
@@ -74,8 +74,11 @@ def main() -> None:
     ap.add_argument("--rows-per-micro", type=int, default=4, help="rows per micro-batch and batch shard")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=5, help="n_layers (tiny: 1 dense + 4 MoE, enough for DualPipeV's "
+                                                          "4 stages on 2 ranks)")
     args = ap.parse_args()
-    cfg, tcfg = T.load_run_config(args.config, [f"train.seq_len={args.seq}", "train.optim.warmup_steps=1"])
+    cfg, tcfg = T.load_run_config(args.config, [f"n_layers={args.layers}", f"train.seq_len={args.seq}",
+                                                "train.optim.warmup_steps=1"])
     axes = parse_mesh(args.mesh)
     axes["data"] = axes.get("data", 1) * axes.pop("stage", 1)  # the same devices, the stages as data shards
     plain_mesh = ",".join(f"{a}={s}" for a, s in axes.items())
@@ -89,7 +92,7 @@ def main() -> None:
         rows += [a | {"mesh": args.mesh}, b | {"mesh": args.mesh}]
         print(f"| {name} | {args.micro} / {2 * args.micro} | {a['temp_bytes'] / 1e6:.1f} | {b['temp_bytes'] / 1e6:.1f} | "
               f"{a['step_s'] * 1e3:.0f} | {b['step_s'] * 1e3:.0f} | {a['compile_s']:.1f} |", file=sys.stderr, flush=True)
-    print(json.dumps({"benchmark": "pipeline_model", "config": args.config, "mesh": args.mesh,
+    print(json.dumps({"benchmark": "pipeline_model", "config": args.config, "mesh": args.mesh, "n_layers": args.layers,
                       "rows_per_micro": args.rows_per_micro,
                       "seq": args.seq, "results": rows, **provenance()}, indent=1))
 
