@@ -153,3 +153,27 @@ def test_kl_estimators_on_an_exact_categorical():
 
 def test_public_names():
     assert dsj.post_train.group_advantages is group_advantages and dsj.post_train.grpo_loss is grpo_loss
+
+
+def test_per_token_logps_pick_the_next_token_from_a_numpy_log_softmax(tiny_cfg, tiny_vars):
+    """Against a float64 NumPy log-softmax of the model's logits (``dsj.forward``), with two packed documents and
+    padding: the next token's log-probability at temperature 0.7, zero where the next token is another
+    document's or padding."""
+    from deepseek_jax.post_train.logprobs import per_token_logps
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, tiny_cfg.vocab_size, (2, 12)).astype(np.int32)
+    seg = np.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], np.int32)
+    pos = np.array([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3], np.int32)
+    logp, valid = per_token_logps(tiny_cfg, tiny_vars, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), 0.7)
+    # row 1 is one document (padding after it never reaches it: causal); row 0 is compared per document
+    want_valid = np.zeros((2, 12), bool)
+    want_valid[0, :4] = want_valid[0, 5:11] = want_valid[1, :8] = True
+    np.testing.assert_array_equal(np.asarray(valid), want_valid)
+    for row, lo, hi in ((0, 0, 5), (0, 5, 12), (1, 0, 9)):
+        logits = np.asarray(dsj.forward(tiny_cfg, tiny_vars, tokens[row:row + 1, lo:hi]), np.float64)[0] / 0.7
+        lsm = logits - logits.max(-1, keepdims=True)
+        lsm = lsm - np.log(np.exp(lsm).sum(-1, keepdims=True))
+        want = lsm[np.arange(hi - lo - 1), tokens[row, lo + 1:hi]]
+        np.testing.assert_allclose(np.asarray(logp)[row, lo:hi - 1], want, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(logp)[~want_valid] == 0)
