@@ -68,7 +68,7 @@ def _layout(names: tuple, manual: bool) -> P:
 
 
 def _specs(cfg: ModelConfig, manual: bool) -> tuple[dict, dict]:
-    """``(stage specs [ranks, chunks, L/n, ...], shared specs)`` of the executor (``manual``: only its manual
+    """``(stage specs [ranks, chunks, m, ...], shared specs)`` of the executor (``manual``: only its manual
     axes, for ``shard_map``; else with ``tensor``, for the sharding constraint around it)."""
     specs = jax.tree_util.tree_map(lambda b: _layout(b.names, manual), placement.logical_tree(cfg),
                                    is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
