@@ -40,10 +40,7 @@ from deepseek_jax.parallel.pipeline.program import build_program
 from deepseek_jax.parallel.rules import logical_spec
 from deepseek_jax.train.objectives import Objective
 
-__all__ = ["pipeline_grad_fn", "microbatches", "stage_shardings", "SUPPORTED_AXES"]
-
-SUPPORTED_AXES = ("stage", "data", "fsdp", "expert", "tensor")
-
+__all__ = ["pipeline_grad_fn", "microbatches", "stage_shardings"]
 
 def microbatches(batch: dict, n: int) -> dict:
     """``[B, ...]`` -> ``[n, B/n, ...]`` (micro-batch ``i`` = rows ``i B/n ... (i+1) B/n - 1``)."""
