@@ -292,14 +292,14 @@ def _host_loop_generate(cfg, variables, prompts, max_new, temperature=0.0, top_k
         put = E._placer(mesh)
         cache = G.init_cache(cfg, b, size, mesh=mesh, stacked=False)
         key, k0 = jax.random.split(jax.random.key(seed))
-        tok, hidden, cache = fns.prefill(v, cache, put(tokens), put(lengths), k0)
+        tok, _, hidden, cache = fns.prefill(v, cache, put(tokens), put(lengths), k0)
         first = np.asarray(tok)
         emit([[int(t)] for t in first])
         if not speculative:
             tok_np, pos = first, lengths.copy()
             while not emit.done.all():
                 key, k = jax.random.split(key)
-                tok, cache = fns.step(v, cache, put(tok_np[:, None]), put(pos[:, None]), k)
+                tok, _, cache = fns.step(v, cache, put(tok_np[:, None]), put(pos[:, None]), k)
                 tok_np, pos, st["steps"] = np.asarray(tok), pos + 1, st["steps"] + 1
                 emit([[int(t)] for t in tok_np])
             return emit.out, st
@@ -351,3 +351,46 @@ def test_on_device_decode_equals_the_host_loop(layout, variants, tiny_cfg, tiny_
             got = dsj.generate(tiny_cfg, tiny_vars, prompts, n, mesh=mesh, eos_id=-1, on_tokens=streamed.append, **kw)
             assert got == ref and len(streamed) >= 3, kw
             assert [sum((c[i] for c in streamed), []) for i in range(len(prompts))] == ref
+
+
+def test_details_append_eos_and_say_which_rows_ended(tiny_cfg, tiny_vars):
+    """``details=True``: a row that stops at EOS returns it (a post-training batch must teach stopping) and
+    says ``ended``; a row that runs out of tokens is ``ended=False``; without details the EOS is dropped."""
+    prompts = [[5, 9, 3], [7, 1, 2, 8, 4]]
+    plain = dsj.generate(tiny_cfg, tiny_vars, prompts, 6, eos_id=-1)
+    eos = plain[0][2]
+    assert eos not in plain[0][:2]
+    got = dsj.generate(tiny_cfg, tiny_vars, prompts, 6, eos_id=eos, details=True)
+    cut = plain[1].index(eos) + 1 if eos in plain[1] else None
+    assert got.tokens[0] == plain[0][:3] and got.ended[0]
+    assert got.tokens[1] == (plain[1][:cut] if cut else plain[1]) and got.ended[1] == bool(cut)
+    assert dsj.generate(tiny_cfg, tiny_vars, prompts, 6, eos_id=eos)[0] == plain[0][:2]
+    assert got.logprobs is None
+    with pytest.raises(ValueError, match="logprobs=True needs details=True"):
+        dsj.generate(tiny_cfg, tiny_vars, prompts, 6, logprobs=True)
+
+
+def test_sampling_logprobs_equal_the_training_forward(tiny_cfg, tiny_vars):
+    """post-training.md U5: at temperature 1 without top-k/top-p, the sampler's log-probability of each
+    emitted token (absorbed MLA, latent cache, one token at a time) equals ``per_token_logps`` of the
+    training forward over prompt + completion (EOS included; prompt and padding out), to 1e-4 -- unless
+    group-limited routing flips near a tie, which the assertion message would report."""
+    from deepseek_jax.post_train import per_token_logps
+
+    prompts = [[5, 9, 3], [7, 1, 2, 8, 4], [11, 12]]
+    out = dsj.generate(tiny_cfg, tiny_vars, prompts, 10, temperature=1.0, seed=3, eos_id=17, details=True,
+                       logprobs=True)
+    width = 16
+    rows = [p + c for p, c in zip(prompts, out.tokens)]
+    tokens = np.zeros((3, width), np.int32)
+    seg = np.zeros((3, width), np.int32)
+    pos = np.zeros((3, width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], seg[i, :len(r)], pos[i, :len(r)] = r, 1, np.arange(len(r))
+    logp, valid = per_token_logps(tiny_cfg, tiny_vars, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), 1.0)
+    logp, valid = np.asarray(logp), np.asarray(valid)
+    for i, (p, lp) in enumerate(zip(prompts, out.logprobs)):
+        assert len(lp) == len(out.tokens[i]) and np.all(valid[i, len(p) - 1:len(rows[i]) - 1])
+        train = logp[i, len(p) - 1:len(rows[i]) - 1]
+        diff = np.abs(train - np.asarray(lp))
+        assert diff.max() < 1e-4, f"row {i}: |sampler - training| up to {diff.max():.2e} at {diff.argmax()}"

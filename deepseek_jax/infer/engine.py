@@ -36,7 +36,7 @@ from deepseek_jax.nn.placement import check_layout, shard_variables
 from deepseek_jax.nn.transformer import Transformer, check_tokens
 from deepseek_jax.parallel.rules import batch_spec
 
-__all__ = ["generate", "STREAM_CHUNK"]
+__all__ = ["generate", "Generation", "STREAM_CHUNK"]
 
 STREAM_CHUNK = 8  # decode steps per on-device loop call when the caller streams (``on_tokens``)
 
@@ -45,10 +45,13 @@ class _Steps:
     """Jitted prefill / decode / speculative functions for one (config, cache, sampler); a mesh only
     changes the input shardings, which ``jax.jit`` specialises on by itself."""
 
-    def __init__(self, cfg: ModelConfig, cc: CacheConfig, temperature: float, top_k, top_p):
+    def __init__(self, cfg: ModelConfig, cc: CacheConfig, temperature: float, top_k, top_p, logprobs: bool = False):
         model = Transformer(cfg, cache=cc, stacked=False)
         samp = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
         self.logp = functools.partial(processed_logprobs, temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p)
+        # the sampling log-probability of each emitted token (greedy: under softmax(logits)), or 0 when not asked
+        token_logp = functools.partial(_token_logp, logprobs=logprobs, temperature=temperature or 1.0, top_k=top_k,
+                                       top_p=top_p)
 
         def run(variables, cache, tokens, positions):
             out, upd = model.apply({**variables, tree.CACHE: cache}, tokens, positions, with_mtp=False,
@@ -60,11 +63,13 @@ class _Steps:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             out, cache = run(variables, cache, tokens, positions)
             last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            return samp(last, key), out.hidden, cache
+            tok = samp(last, key)
+            return tok, token_logp(last, tok), out.hidden, cache
 
         def step(variables, cache, tokens, positions, key):
             out, cache = run(variables, cache, tokens, positions)
-            return samp(out.logits[:, -1], key), cache
+            tok = samp(out.logits[:, -1], key)
+            return tok, token_logp(out.logits[:, -1], tok), cache
 
         def draft(variables, cache, hidden, next_tokens, positions):
             out, upd = model.apply({**variables, tree.CACHE: cache}, next_tokens, positions, draft_from=hidden,
@@ -113,24 +118,35 @@ class _Steps:
         self.spec_loop = jax.jit(_spec_loop_fn(spec_step), donate_argnums=1, static_argnums=5)
 
 
+def _token_logp(logits: jax.Array, tok: jax.Array, *, logprobs: bool, temperature: float, top_k, top_p) -> jax.Array:
+    """``[b]`` float32: ``log p(tok)`` under the sampling distribution of ``logits [b, v]``, or zeros."""
+    if not logprobs:
+        return jnp.zeros(tok.shape, jnp.float32)
+    lp = processed_logprobs(logits, temperature, top_k, top_p)
+    return jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+
 def _plain_loop_fn(step):
     """The on-device plain decode loop around one jitted ``step``."""
 
     def plain_loop(variables, cache, state, eos, max_new, chunk):
         """Up to ``chunk`` decode steps as one ``while_loop`` on device, stopping early once every row
         is done; ``state``: ``tok [b]`` (emitted, not yet in the cache), ``pos [b]``, ``key``,
-        ``done [b]``, ``count [b]`` (tokens emitted). Returns ``(steps, state, cache, tokens [b, chunk])``."""
+        ``done [b]``, ``count [b]`` (tokens emitted). Returns ``(steps, state, cache, tokens [b, chunk],
+        logps [b, chunk])`` (``logps``: each token's sampling log-probability, zeros unless asked for)."""
 
         def body(c):
-            i, s, cache, buf = c
+            i, s, cache, buf, lbuf = c
             key, k = jax.random.split(s["key"])
-            tok, cache = step(variables, cache, s["tok"][:, None], s["pos"][:, None], k)
+            tok, lp, cache = step(variables, cache, s["tok"][:, None], s["pos"][:, None], k)
             done, count = _advance(s["done"], s["count"], tok, eos, max_new)
             s = {**s, "tok": tok, "pos": s["pos"] + 1, "key": key, "done": done, "count": count}
-            return i + 1, s, cache, jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], i, 1)
+            return (i + 1, s, cache, jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], i, 1),
+                    jax.lax.dynamic_update_slice_in_dim(lbuf, lp[:, None], i, 1))
 
-        buf = jnp.zeros((state["tok"].shape[0], chunk), jnp.int32)
-        return jax.lax.while_loop(_running(chunk), body, (jnp.int32(0), state, cache, buf))
+        b = state["tok"].shape[0]
+        buf, lbuf = jnp.zeros((b, chunk), jnp.int32), jnp.zeros((b, chunk), jnp.float32)
+        return jax.lax.while_loop(_running(chunk), body, (jnp.int32(0), state, cache, buf, lbuf))
 
     return plain_loop
 
@@ -195,8 +211,8 @@ _decode_layout = jax.jit(decode_layout, static_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)
-def _steps(cfg, cc, temperature, top_k, top_p) -> _Steps:
-    return _Steps(cfg, cc, temperature, top_k, top_p)
+def _steps(cfg, cc, temperature, top_k, top_p, logprobs: bool = False) -> _Steps:
+    return _Steps(cfg, cc, temperature, top_k, top_p, logprobs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,37 +253,64 @@ def _cache_size(cfg: ModelConfig, width: int, max_new_tokens: int, speculative: 
 
 @dataclass
 class _Emitter:
-    """Collects each row's new tokens: stops a row at EOS (not returned) or after ``max_new`` tokens, and
-    passes what each row gained to ``on_tokens`` (streaming)."""
+    """Collects each row's new tokens: stops a row at EOS (kept only when ``keep_eos``) or after ``max_new``
+    tokens, and passes what each row gained to ``on_tokens`` (streaming). ``logps`` (when given to the
+    call) are collected beside the tokens; ``ended[i]``: row ``i`` stopped at EOS."""
 
     rows: int
     max_new: int
     eos: int | None
     on_tokens: Callable[[list[list[int]]], None] | None = None
+    keep_eos: bool = False
     out: list[list[int]] = field(init=False)
+    logps: list[list[float]] = field(init=False)
     done: np.ndarray = field(init=False)
+    ended: np.ndarray = field(init=False)
 
     def __post_init__(self):
         self.out = [[] for _ in range(self.rows)]
+        self.logps = [[] for _ in range(self.rows)]
         self.done = np.zeros(self.rows, bool)
+        self.ended = np.zeros(self.rows, bool)
 
-    def __call__(self, new: list[list[int]]) -> None:
+    def __call__(self, new: list[list[int]], new_logps: list[list[float]] | None = None) -> None:
         gained = []
         for i, toks in enumerate(new):
             g = []
-            for t in toks:
+            for j, t in enumerate(toks):
                 if self.done[i] or len(self.out[i]) >= self.max_new:
                     break
-                if self.eos is not None and t == self.eos:
-                    self.done[i] = True
+                is_eos = self.eos is not None and t == self.eos
+                if not is_eos or self.keep_eos:
+                    self.out[i].append(int(t))
+                    g.append(int(t))
+                    if new_logps is not None:
+                        self.logps[i].append(float(new_logps[i][j]))
+                if is_eos:
+                    self.done[i] = self.ended[i] = True
                     break
-                self.out[i].append(int(t))
-                g.append(int(t))
-            if len(self.out[i]) >= self.max_new:
+            if len(self.out[i]) - int(self.ended[i] and self.keep_eos) >= self.max_new:
                 self.done[i] = True
             gained.append(g)
         if self.on_tokens is not None:
             self.on_tokens(gained)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What ``generate(..., details=True)`` returns, one entry per prompt.
+
+    Attributes:
+      tokens: the new token ids, ending with the EOS id where the row stopped at EOS.
+      ended: whether the row stopped at EOS (False: it ran out of ``max_new_tokens``, i.e. truncated).
+      logprobs: with ``logprobs=True``, ``log p(token)`` of each entry of ``tokens`` (EOS included) under the
+        sampling distribution -- ``softmax(logits / temperature)`` after top-k/top-p (greedy: under
+        ``softmax(logits)``); else None.
+    """
+
+    tokens: list[list[int]]
+    ended: list[bool]
+    logprobs: list[list[float]] | None = None
 
 
 def _placer(mesh: Mesh | None) -> Callable[[np.ndarray], jax.Array]:
@@ -281,7 +324,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              mesh: Mesh | None = None, speculative: bool = False, eos_id: int | None = None,
              max_len: int | None = None, cache_kind: str = "latent", cache_dtype: str | None = None,
-             on_tokens: Callable[[list[list[int]]], None] | None = None, stats: dict | None = None) -> list[list[int]]:
+             on_tokens: Callable[[list[list[int]]], None] | None = None, stats: dict | None = None,
+             details: bool = False, logprobs: bool = False) -> list[list[int]] | Generation:
     """Generate up to ``max_new_tokens`` after each prompt; returns the new token ids per prompt.
 
     ``prompts``: token-id lists of any lengths (one batch). Greedy when ``temperature == 0``; otherwise
@@ -297,23 +341,31 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     receives the tokens each row gained after every call. ``stats``, if given, receives ``steps``
     (main-model forwards after the prefill), ``drafted``, ``accepted``, ``acceptance_rate``,
     ``tokens_per_forward``.
+
+    ``details=True`` returns a :class:`Generation` instead: the tokens WITH the EOS id where a row ended
+    (what a post-training batch needs: the model must learn to stop), whether each row ended, and with
+    ``logprobs=True`` each token's sampling log-probability (plain decoding only). Top-k/top-p sample a
+    truncated distribution that a plain training forward does not reproduce. ``variables`` may already be
+    placed on ``mesh`` (``device_put`` then moves nothing).
     """
     ids = _check_prompts(cfg, prompts, max_new_tokens)
     if speculative and not cfg.mtp.depth:
         raise ValueError("speculative=True needs MTP modules (mtp.depth >= 1) to draft with")
+    if logprobs and (speculative or not details):
+        raise ValueError("logprobs=True needs details=True and plain decoding (speculative=False)")
     check_sampler(temperature, top_k, top_p, cfg.vocab_size)
     b = len(ids)
     lengths = np.array([len(p) for p in ids], np.int32)
     size = _cache_size(cfg, int(lengths.max()), max_new_tokens, speculative, max_len)
     if mesh is not None:
         check_layout(cfg, mesh, global_batch=b)
-    fns = _steps(cfg, cache_config(cfg, size, cache_kind, cache_dtype), float(temperature), top_k, top_p)
+    fns = _steps(cfg, cache_config(cfg, size, cache_kind, cache_dtype), float(temperature), top_k, top_p, logprobs)
     width = min(-(-int(lengths.max()) // 16) * 16, size)  # prompt shapes in buckets of 16 (right padding)
     tokens = np.zeros((b, width), np.int32)
     for i, p in enumerate(ids):
         tokens[i, :len(p)] = p
     variables = tree.model_variables(nn.meta.unbox(variables))
-    emit = _Emitter(b, max_new_tokens, cfg.eos_token_id if eos_id is None else eos_id, on_tokens)
+    emit = _Emitter(b, max_new_tokens, cfg.eos_token_id if eos_id is None else eos_id, on_tokens, keep_eos=details)
     st = {"steps": 0, "drafted": 0, "accepted": 0}
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         if mesh is not None:
@@ -322,8 +374,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
         put = _placer(mesh)
         cache = init_cache(cfg, b, size, cache_kind, cache_dtype, mesh, stacked=False)
         key, k0 = jax.random.split(jax.random.key(seed))
-        tok, hidden, cache = fns.prefill(variables, cache, put(tokens), put(lengths), k0)
-        emit([[int(t)] for t in np.asarray(tok)])
+        tok, lp, hidden, cache = fns.prefill(variables, cache, put(tokens), put(lengths), k0)
+        emit([[int(t)] for t in np.asarray(tok)], np.asarray(lp)[:, None] if logprobs else None)
         if speculative:
             _speculative_loop(fns, variables, cache, tokens, lengths, tok, hidden, key, put, emit, st, size)
         else:
@@ -333,6 +385,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
     st["acceptance_rate"] = st["accepted"] / st["drafted"] if st["drafted"] else None
     if stats is not None:
         stats.update(st)
+    if details:
+        return Generation(emit.out, emit.ended.tolist(), emit.logps if logprobs else None)
     return emit.out
 
 
@@ -354,10 +408,10 @@ def _plain_loop(fns: _Steps, variables, cache, first, lengths, key, put, emit: _
     state = {"tok": first, "pos": put(lengths.copy()), "key": key, **_row_state(emit, put)}
     limits = _limits(emit, size)
     while not emit.done.all():
-        steps, state, cache, buf = fns.plain_loop(variables, cache, state, *limits)
-        steps, buf = int(steps), np.asarray(buf)
+        steps, state, cache, buf, lbuf = fns.plain_loop(variables, cache, state, *limits)
+        steps, buf, lbuf = int(steps), np.asarray(buf), np.asarray(lbuf)
         st["steps"] += steps
-        emit([[int(t) for t in row[:steps]] for row in buf])
+        emit([[int(t) for t in row[:steps]] for row in buf], lbuf[:, :steps])
 
 
 def _speculative_loop(fns: _Steps, variables, cache, tokens, lengths, first, hidden, key, put, emit: _Emitter,
