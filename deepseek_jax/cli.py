@@ -1,6 +1,6 @@
-"""``deepseek-jax`` command line: ``train`` (the main job), ``generate`` (stream text from a trained run or
-a Hugging Face checkpoint) and ``info`` (parameter counts, KV-cache sizes, and with ``--mesh`` a layout
-report)."""
+"""``deepseek-jax`` command line: ``train`` (the main job), ``sft`` and ``grpo`` (post-training), ``generate``
+(stream text from a trained run or a Hugging Face checkpoint) and ``info`` (parameter counts, KV-cache sizes,
+and with ``--mesh`` a layout report)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ from deepseek_jax.config import load_config
 from deepseek_jax.hf import config_from_hf
 from deepseek_jax.infer.engine import generate
 from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
+from deepseek_jax.post_train.config import load_post_config
+from deepseek_jax.post_train.grpo_run import run_grpo
+from deepseek_jax.post_train.rewards import RewardError
+from deepseek_jax.post_train.sft import run_sft
 from deepseek_jax.train.config import load_run_config
 from deepseek_jax.train.loop import TrainingDiverged, train
 from deepseek_jax.train.lock import RunLocked
@@ -144,6 +148,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    for flag, key in (("steps", "train.steps"), ("out", "train.out"), ("mesh", "train.mesh")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return overrides
+
+
+def _init(cfg, path: str | None):
+    """``(variables, tokenizer)`` of ``--init`` (a run folder or a Hugging Face checkpoint), or ``(None, None)``;
+    its model must be the config's."""
+    if not path:
+        return None, None
+    cfg0, variables, tok = load_run(path, log=_log)
+    if cfg0 != cfg:
+        raise ValueError(f"--init {path} holds a different model than the config's (compare {path}/config.yaml with "
+                         "--config): post-training keeps the architecture; use the same model fields")
+    return variables, tok
+
+
+def _post(args: argparse.Namespace) -> int:
+    cfg, tcfg, pcfg = load_post_config(args.config, _run_overrides(args), stage=args.command)
+    if tcfg.mesh:
+        _fake_cpu_devices(mesh_size(tcfg.mesh))
+    variables, tok = _init(cfg, args.init)
+    run = run_sft if args.command == "sft" else run_grpo
+    try:
+        summary = run(cfg, tcfg, pcfg, init=variables, tokenizer=tok, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"deepseek-jax {args.command}: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1, default=str))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     cfg, variables, tok = load_run(args.checkpoint, log=_log)
     if tok is None:
@@ -211,6 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16 moe.n_routed_experts=8")
     t.set_defaults(fn=_train)
 
+    for name, what in (("sft", "supervised fine-tuning on prompt/completion pairs (loss on the completion)"),
+                       ("grpo", "GRPO reinforcement learning against reward functions")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("--config", default="configs/r1-addition.yaml", help="preset with the model, train: and "
+                       "sft:/grpo:/reward:/task:/eval: sections")
+        c.add_argument("--init", help="start from this run folder or Hugging Face checkpoint (same model)")
+        c.add_argument("--steps", type=int, help="override train.steps")
+        c.add_argument("--out", help="override train.out (an existing run there is resumed)")
+        c.add_argument("--mesh", help="e.g. data=2,expert=2 (fakes CPU devices if needed)")
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        c.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+        c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.beta=0.04 train.steps=50")
+        c.set_defaults(fn=_post)
+
     g = sub.add_parser("generate", help="stream a continuation of a prompt (KV cache, absorbed MLA)")
     g.add_argument("--checkpoint", required=True,
                    help="a `deepseek-jax train` run folder (e.g. runs/tiny) or a Hugging Face checkpoint directory")
@@ -225,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RunLocked, CheckpointWriteError, CheckpointCorrupt) as e:
+    except (ValueError, FileNotFoundError, RunLocked, CheckpointWriteError, CheckpointCorrupt, RewardError) as e:
         print(f"deepseek-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

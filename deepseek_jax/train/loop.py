@@ -29,7 +29,7 @@ from deepseek_jax.train.optim import HostEMA
 from deepseek_jax.train.run_dir import Checkpoints, RunDir
 from deepseek_jax.train.step import TrainFns, global_batch, hyper, local_rows, make_train_fns, mesh_for
 
-__all__ = ["train", "TrainingDiverged"]
+__all__ = ["train", "TrainingDiverged", "start_from"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -37,8 +37,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None, objective: Objective | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, dict], None] | None = None, objective: Objective | None = None,
+          data: PreparedData | None = None, init: dict | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary dict. See the module docstring.
+
+    ``data``: packed rows to train on instead of ``tcfg.data``'s corpus (post-training builds its own: SFT
+    rows carry a ``loss_mask``). ``init``: variables (``params``, ``router``) to start from instead of a
+    random initialisation (fine-tuning); a checkpoint in the run folder still takes precedence (resume).
 
     Raises ``ValueError`` before compiling for bad input (corpus, output folder, config, mesh) and
     :class:`TrainingDiverged` on a non-finite loss. ``on_step(step, record)`` is called after every step.
@@ -47,15 +52,17 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
     other writer); a failed checkpoint write raises :class:`~deepseek_jax.train.run_dir.CheckpointWriteError`.
     """
     with RunDir(tcfg.out).open_for_writing(cfg, lock=jax.process_index() == 0) as run:
-        return _train(run, cfg, tcfg, progress, on_step, objective or Pretrain(tcfg.balance_alpha, tcfg.z_loss))
+        return _train(run, cfg, tcfg, progress, on_step, objective or Pretrain(tcfg.balance_alpha, tcfg.z_loss),
+                      data, init)
 
 
 def _train(run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, progress: bool,
-           on_step: Callable[[int, dict], None] | None, objective: Objective) -> dict[str, Any]:
-    data, fns = _setup(run, cfg, tcfg, objective)
+           on_step: Callable[[int, dict], None] | None, objective: Objective, data: PreparedData | None,
+           init: dict | None) -> dict[str, Any]:
+    data, fns = _setup(run, cfg, tcfg, objective, data)
     rows = local_rows(fns.batch_sharding, (tcfg.batch_size, tcfg.seq_len))
     batches = Batches(data.train, tcfg.batch_size, tcfg.seed, local_rows=rows)
-    state, ema, ckpts, start = _resume(run, tcfg, fns, batches)
+    state, ema, ckpts, start = _resume(run, tcfg, fns, batches, init)
     metrics = H.MetricsHook(run, tcfg.log_every, tcfg.steps)
     bar = H.ProgressHook(progress, tcfg.steps, start)
     val = H.ValidationHook(fns, H.eval_rows(data.val, tcfg.batch_size, tcfg.eval_batches), rows, tcfg.batch_size,
@@ -90,12 +97,17 @@ def _train(run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, progress: bool,
     return _finish(cfg, tcfg, summary, start, step, state, val, data)
 
 
-def _setup(run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, objective: Objective) -> tuple[PreparedData, TrainFns]:
+def _setup(run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, objective: Objective,
+           data: PreparedData | None = None) -> tuple[PreparedData, TrainFns]:
     """Everything that can fail on bad input, before anything compiles; then the data and the step."""
     if tcfg.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"train.seq_len={tcfg.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
     mesh = mesh_for(tcfg.mesh)
     check_layout(cfg, mesh, global_batch=tcfg.batch_size)
+    if data is not None:
+        if jax.process_index() == 0:
+            run.write_setup(cfg, tcfg, data.tokenizer)
+        return data, make_train_fns(cfg, StepConfig.from_train(tcfg), objective, mesh)
     if cfg.eos_token_id is not None and cfg.eos_token_id != 0 and not tcfg.data.tokenizer:
         H.log(f"note: the trained tokenizer's EOS id is 0 (config eos_token_id={cfg.eos_token_id} is ignored)")
     t0 = time.perf_counter()
@@ -118,9 +130,12 @@ def _setup(run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, objective: Objectiv
     return data, make_train_fns(cfg, StepConfig.from_train(tcfg), objective, mesh)
 
 
-def _resume(run: RunDir, tcfg: TrainConfig, fns: TrainFns, batches: Batches):
-    """A fresh state, or the newest readable checkpoint's: ``(state, ema, checkpoints, start step)``."""
+def _resume(run: RunDir, tcfg: TrainConfig, fns: TrainFns, batches: Batches, init: dict | None = None):
+    """A fresh state (from ``init``'s variables if given), or the newest readable checkpoint's:
+    ``(state, ema, checkpoints, start step)``."""
     state = fns.init(jax.random.key(tcfg.seed))
+    if init is not None:
+        state = start_from(state, init)
     ema = HostEMA(H.to_host(state[tree.PARAMS]), tcfg.optim.ema_decay) if tcfg.optim.ema_decay else None
     ckpts = Checkpoints(run, tcfg.keep_checkpoints)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -135,6 +150,22 @@ def _resume(run: RunDir, tcfg: TrainConfig, fns: TrainFns, batches: Batches):
     if jax.process_index() == 0:
         run.truncate_metrics(start, H.log)  # records past the resumed step (a crash after the last save) are redone
     return state, ema, ckpts, start
+
+
+def start_from(state: dict, variables: dict) -> dict:
+    """``state`` with its parameters and router biases replaced by ``variables``' (placed like the state's);
+    the optimiser moments stay at their initial zeros. Shapes must match the state's. ``variables`` are
+    copied, never aliased."""
+    for col in (tree.PARAMS, tree.ROUTER):
+        want = jax.tree.map(lambda a: a.shape, state[col])
+        got = jax.tree.map(lambda a: tuple(a.shape), variables.get(col, {}))
+        if want != got:
+            raise ValueError(f"the initial {col} do not fit the model config (shapes differ): use the config "
+                             "the initial checkpoint was trained with")
+    # copies (may_alias=False): the step donates the state, which must not delete the caller's arrays
+    placed = {col: jax.tree.map(lambda a, s: jax.device_put(a, s.sharding, may_alias=False), variables[col], state[col])
+              for col in (tree.PARAMS, tree.ROUTER) if col in variables}
+    return {**state, **placed}
 
 
 def _diverged(loss: float, step: int, saver: H.CheckpointHook, bar: H.ProgressHook, run: RunDir) -> None:
@@ -170,7 +201,8 @@ def _finish(cfg: ModelConfig, tcfg: TrainConfig, summary: dict, start: int, step
     if "stopped_by" in summary or step < tcfg.steps:
         return summary
     if val_loss is not None:
-        H.log(f"final validation loss {val_loss:.4f} nats vs unigram entropy {entropy:.4f} nats")
+        H.log(f"final validation loss {val_loss:.4f} nats"
+              + (f" vs unigram entropy {entropy:.4f} nats" if math.isfinite(entropy) else ""))
     if tcfg.sample_tokens and jax.process_count() == 1:
         summary["sample"] = _sample(cfg, tcfg, state, data.tokenizer)
         H.log("sample:\n" + summary["sample"])

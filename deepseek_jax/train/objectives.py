@@ -32,7 +32,7 @@ from deepseek_jax.nn import tree
 from deepseek_jax.nn.transformer import ModelOutput
 from deepseek_jax.parallel.rules import constrain
 
-__all__ = ["Objective", "cross_entropy", "shifted_targets", "Pretrain"]
+__all__ = ["Objective", "cross_entropy", "shifted_targets", "batch_targets", "Pretrain"]
 
 Objective = Callable[[ModelOutput, Any, dict, dict], tuple[jax.Array, dict]]
 
@@ -60,27 +60,37 @@ def shifted_targets(tokens: jax.Array, segment_ids: jax.Array, k: int) -> tuple[
     return tgt, (seg == segment_ids) & (segment_ids > 0)
 
 
+def batch_targets(batch: dict, k: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`shifted_targets` of ``batch``, AND the batch's per-token ``loss_mask [b, t]`` where it has one
+    (SFT: 1 on completion tokens, EOS included): the target ``tokens[:, i + k]`` counts only if
+    ``loss_mask[:, i + k]``, so a prompt token is context but never a target."""
+    tgt, mask = shifted_targets(batch["tokens"], batch["segment_ids"], k)
+    if "loss_mask" in batch:
+        mask = mask & (jnp.pad(batch["loss_mask"][:, k:], ((0, 0), (0, k))) > 0)
+    return tgt, mask
+
+
 @dataclass(frozen=True)
 class Pretrain:
     """Next-token cross-entropy, the MTP losses (weight ``hyper["mtp_lambda"]`` over the depth), the
     sequence-wise balance loss (``balance_alpha``) and an optional z-loss (``z_loss``).
 
     Metrics: ``ce``, ``tokens`` (counted targets), ``mtp [D]``, ``balance``, ``z``, ``dropped_rows`` where present.
+    With a ``loss_mask`` in the batch (SFT), only masked-in targets count (:func:`batch_targets`).
     """
 
     balance_alpha: float = 1e-4
     z_loss: float = 0.0
 
     def __call__(self, out: ModelOutput, intermediates: Any, batch: dict, hyper: dict) -> tuple[jax.Array, dict]:
-        tokens, seg = batch["tokens"], batch["segment_ids"]
-        tgt, mask = shifted_targets(tokens, seg, 1)
+        tgt, mask = batch_targets(batch, 1)
         ce, n = cross_entropy(out.logits, tgt, mask)
         total, aux = ce, {"ce": ce, "tokens": n}
         if out.mtp_logits is not None:
             depth = out.mtp_logits.shape[0]
             terms = []
             for j in range(depth):
-                t_j, m_j = shifted_targets(tokens, seg, j + 2)
+                t_j, m_j = batch_targets(batch, j + 2)
                 terms.append(cross_entropy(out.mtp_logits[j], t_j, m_j)[0])
             aux["mtp"] = jnp.stack(terms)
             total = total + hyper["mtp_lambda"] / depth * sum(terms)

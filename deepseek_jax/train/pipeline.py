@@ -131,7 +131,7 @@ def _like(specs: dict, variables: dict) -> dict:
 def pipeline_grad_fn(cfg: ModelConfig, mesh, schedule: Schedule, objective: Objective, remat: str = "none",
                      split: Sequence[int] | None = None):
     """A jitted ``(params, router, batch, hyper) -> (loss, grads, expert_load, metrics)``: ``batch`` leaves
-    ``[B, t]`` (``tokens``, ``positions``, ``segment_ids``) split into ``schedule``'s micro-batches (per pipe);
+    ``[B, ...]`` (``tokens``, ``positions``, ``segment_ids`` and what the objective reads) split into ``schedule``'s micro-batches (per pipe);
     ``grads`` the tree of ``params``; ``expert_load [n_moe_layers + D, e]`` as ``ModelOutput.expert_load``;
     ``metrics`` the objective's (``ce``, ``mtp``, ``balance``, ``tokens``, ...), averaged like the loss.
     ``split``: MoE layers per stage (:func:`~deepseek_jax.nn.stages.stage_split`; default as even as possible)."""
@@ -144,7 +144,6 @@ def pipeline_grad_fn(cfg: ModelConfig, mesh, schedule: Schedule, objective: Obje
     fns = _model_fns(cfg, objective, remat)
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     rows = P(None, BATCH_AXES)
-    inputs_spec = {"tokens": rows, "positions": rows, "segment_ids": rows, "hyper": P()}
     w_specs, shared_specs = _specs(cfg, manual=True)
     w_layout, shared_layout = _specs(cfg, manual=False)
 
@@ -155,9 +154,9 @@ def pipeline_grad_fn(cfg: ModelConfig, mesh, schedule: Schedule, objective: Obje
         w, shared = (jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, s)), t, l)
                      for t, l in ((w, _like(w_layout, w)), (shared, _like(shared_layout, shared))))
         executor = make_executor(program, mesh, *fns, w_specs=_like(w_specs, w),
-                                 shared_specs=_like(shared_specs, shared), input_specs=inputs_spec,
-                                 auto_axes=("tensor",))
-        inputs = microbatches({k: batch[k] for k in ("tokens", "positions", "segment_ids")}, program.n_inputs)
+                                 shared_specs=_like(shared_specs, shared),
+                                 input_specs={**dict.fromkeys(batch, rows), "hyper": P()}, auto_axes=("tensor",))
+        inputs = microbatches(dict(batch), program.n_inputs)  # tokens, positions, segment_ids, loss_mask, ...
         inputs["hyper"] = jax.tree.map(lambda v: jnp.broadcast_to(jnp.asarray(v), (program.n_inputs,)), hyper)
         loss, (gw, gshared), (stats, head_stats) = executor(w, shared, inputs)
         grads = stages.join_stage_tree(merge_stage_grads(program, gw)[tree.PARAMS], gshared[tree.PARAMS], split)

@@ -34,7 +34,7 @@ from deepseek_jax.parallel.pipeline import make_schedule
 from deepseek_jax.parallel.rules import batch_spec
 from deepseek_jax.train.balance import max_violation, update_router_bias
 from deepseek_jax.train.config import StepConfig
-from deepseek_jax.train.objectives import Objective, Pretrain, cross_entropy, shifted_targets
+from deepseek_jax.train.objectives import Objective, Pretrain, batch_targets, cross_entropy
 from deepseek_jax.train.optim import make_optimizer
 from deepseek_jax.train.pipeline import pipeline_grad_fn, stage_shardings
 
@@ -89,7 +89,7 @@ def make_train_fns(cfg: ModelConfig, step_cfg: StepConfig, objective: Objective,
 def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh: Mesh) -> TrainFns:
     tx, schedule = make_optimizer(sc.optim, sc.steps)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sh = NamedSharding(mesh, batch_spec(2))
+    batch_sh = NamedSharding(mesh, batch_spec(1))  # every batch leaf [B, ...] split over the batch axes
 
     def init(rng):
         v = init_unboxed(cfg, rng, mesh)
@@ -117,14 +117,14 @@ def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh
         variables = {tree.PARAMS: params} | ({tree.ROUTER: router} if router else {})
         out = Transformer(cfg).apply(variables, batch["tokens"], positions=batch["positions"],
                                      segment_ids=batch["segment_ids"])
-        tgt, mask = shifted_targets(batch["tokens"], batch["segment_ids"], 1)
+        tgt, mask = batch_targets(batch, 1)
         loss, n = cross_entropy(out.logits, tgt, mask)
         return loss * n, n
 
-    batch_shs = dict.fromkeys(BATCH_KEYS, batch_sh)
-    jit_step = jax.jit(step, in_shardings=(state_sh, batch_shs, None), out_shardings=(state_sh, None),
+    # the batch: any dict of [B, ...] arrays (tokens, segment_ids, positions and what the objective reads)
+    jit_step = jax.jit(step, in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None),
                        donate_argnums=(0,))
-    jit_eval = jax.jit(evaluate, in_shardings=(state_sh[tree.PARAMS], state_sh[tree.ROUTER], batch_shs))
+    jit_eval = jax.jit(evaluate, in_shardings=(state_sh[tree.PARAMS], state_sh[tree.ROUTER], batch_sh))
     jit_init = jax.jit(init, out_shardings=state_sh)
 
     def compile_step() -> jax.stages.Compiled:

@@ -11,13 +11,24 @@ the model more than its teacher knew.
 from __future__ import annotations
 
 import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-__all__ = ["VOCAB", "PAD_ID", "EOS_ID", "encode", "decode", "is_hard", "answer", "teacher_answer", "sft_rows",
+__all__ = ["VOCAB", "PAD_ID", "EOS_ID", "tokenizer", "encode", "decode", "is_hard", "answer", "teacher_answer", "sft_rows",
            "prompt_rows", "exact_match"]
 
-VOCAB = ("<pad>", "<eos>") + tuple("0123456789+=<>/a")
+VOCAB = ("<pad>", "<|endoftext|>") + tuple("0123456789+=<>/a")
 PAD_ID, EOS_ID = 0, 1
 _ID = {c: i for i, c in enumerate(VOCAB) if len(c) == 1}
+
+
+def tokenizer() -> Tokenizer:
+    """The task's vocabulary as a ``tokenizers`` tokenizer (one token per character, EOS ``<|endoftext|>``),
+    saved into run folders like a trained BPE so that ``generate`` and ``load_run`` read it back."""
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(VOCAB[:2]))
+    return tok
 
 
 def encode(text: str) -> list[int]:
