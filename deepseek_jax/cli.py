@@ -5,6 +5,7 @@ and with ``--mesh`` a layout report)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,10 +21,14 @@ from deepseek_jax.hf import config_from_hf
 from deepseek_jax.infer.engine import generate
 from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
 from deepseek_jax.post_train.config import load_post_config
+from deepseek_jax.post_train.distill import run_distill
+from deepseek_jax.post_train.evaluate import task_prompts
 from deepseek_jax.post_train.grpo_run import run_grpo
-from deepseek_jax.post_train.rewards import RewardError
-from deepseek_jax.post_train.sft import run_sft
+from deepseek_jax.post_train.rewards import RewardError, Rewards
+from deepseek_jax.post_train.sample import sample_records, write_jsonl
+from deepseek_jax.post_train.sft import read_pairs, run_sft
 from deepseek_jax.train.config import load_run_config
+from deepseek_jax.train.data import eos_id
 from deepseek_jax.train.loop import TrainingDiverged, train
 from deepseek_jax.train.lock import RunLocked
 from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, load_run
@@ -172,15 +177,40 @@ def _post(args: argparse.Namespace) -> int:
     cfg, tcfg, pcfg = load_post_config(args.config, _run_overrides(args), stage=args.command)
     if tcfg.mesh:
         _fake_cpu_devices(mesh_size(tcfg.mesh))
-    variables, tok = _init(cfg, args.init)
-    run = run_sft if args.command == "sft" else run_grpo
     try:
-        summary = run(cfg, tcfg, pcfg, init=variables, tokenizer=tok, progress=not args.no_progress)
+        if args.command == "distill":
+            teacher = args.teacher or pcfg.distill.teacher
+            if not teacher:
+                raise ValueError("distill needs a teacher: --teacher DIR or distill.teacher in the config")
+            summary = run_distill(cfg, tcfg, pcfg, teacher, progress=not args.no_progress)
+        else:
+            variables, tok = _init(cfg, args.init)
+            run = run_sft if args.command == "sft" else run_grpo
+            summary = run(cfg, tcfg, pcfg, init=variables, tokenizer=tok, progress=not args.no_progress)
     except TrainingDiverged as e:
         print(f"deepseek-jax {args.command}: {e}", file=sys.stderr)
         return 3
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1, default=str))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    cfg, tcfg, pcfg = load_post_config(args.config, args.overrides)
+    variables, tok = _init(cfg, args.init)
+    if tok is None:
+        raise ValueError(f"{args.init} has no tokenizer.json to encode the prompts with")
+    records = read_pairs(args.prompts, completion_field="prompt") if args.prompts else task_prompts(
+        pcfg.task, args.num_prompts or pcfg.task.sft_examples, seed=pcfg.task.train_seed)
+    specs = [{"fn": f, "weight": 1.0} for f in args.reward] or [dataclasses.asdict(r) for r in pcfg.reward]
+    rows = sample_records(cfg, variables, tok, records, args.n, args.max_new_tokens or pcfg.grpo.max_completion_tokens,
+                          temperature=args.temperature, seed=args.seed, eos_id=eos_id(tok),
+                          rewards=Rewards.from_specs(specs) if specs else None, keep=args.keep,
+                          progress=not args.no_progress)
+    path = write_jsonl(rows, args.out)
+    scored = [r["reward"] for r in rows if r.get("reward") is not None]
+    _log(f"wrote {len(rows)} of {len(records) * args.n} samples to {path}"
+         + (f" (mean reward {sum(scored) / len(scored):.3f})" if scored else ""))
     return 0
 
 
@@ -252,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(fn=_train)
 
     for name, what in (("sft", "supervised fine-tuning on prompt/completion pairs (loss on the completion)"),
-                       ("grpo", "GRPO reinforcement learning against reward functions")):
+                       ("grpo", "GRPO reinforcement learning against reward functions"),
+                       ("distill", "distil a teacher run into the config's (smaller) model: seq or logit")):
         c = sub.add_parser(name, help=what)
+        if name == "distill":
+            c.add_argument("--teacher", help="the teacher's run folder or Hugging Face checkpoint (distill.teacher)")
         c.add_argument("--config", default="configs/r1-addition.yaml", help="preset with the model, train: and "
                        "sft:/grpo:/reward:/task:/eval: sections")
         c.add_argument("--init", help="start from this run folder or Hugging Face checkpoint (same model)")
@@ -264,6 +297,23 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
         c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.beta=0.04 train.steps=50")
         c.set_defaults(fn=_post)
+
+    sp = sub.add_parser("sample", help="n completions per prompt, scored and filtered (rejection sampling) to JSONL")
+    sp.add_argument("--config", default="configs/r1-addition.yaml", help="preset (model, task:, reward:, grpo:)")
+    sp.add_argument("--init", required=True, help="the run folder or Hugging Face checkpoint to sample from")
+    sp.add_argument("--prompts", help="a JSONL of {prompt, ...columns}; default: the task's training prompts")
+    sp.add_argument("--num-prompts", type=_positive, help="how many task prompts (default task.sft_examples)")
+    sp.add_argument("--n", type=_positive, default=8, help="completions per prompt")
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--max-new-tokens", type=_positive, help="default grpo.max_completion_tokens")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--reward", action="append", default=[], help="module:function or file.py:function (repeatable; "
+                    "default: the config's reward: list)")
+    sp.add_argument("--keep", help="a filter such as reward==1 (rejection sampling)")
+    sp.add_argument("--out", required=True, help="the JSONL to write")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    sp.set_defaults(fn=_sample)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt (KV cache, absorbed MLA)")
     g.add_argument("--checkpoint", required=True,

@@ -119,7 +119,15 @@ class GRPOConfig:
 class DistillConfig:
     """Distillation (``distill:``): ``seq`` (SFT on teacher samples), ``logit`` (temperature-scaled forward
     KL to the teacher's distribution, masked; ``alpha`` mixes in the hard-label CE) or ``on_policy``
-    (generalised JSD with ``beta`` on student samples with probability ``lmbda``)."""
+    (generalised JSD with ``beta`` on student samples with probability ``lmbda``).
+
+    Attributes:
+      teacher: the teacher's run folder or Hugging Face checkpoint (``--teacher`` overrides it).
+      temperature (tau), alpha, beta, lmbda, top_k (teacher's top-k, 0 = full vocabulary): the losses'.
+      prompts: task prompts the teacher completes (0 = ``task.sft_examples``); samples_per_prompt;
+      sample_temperature: the teacher's sampling temperature (0 = greedy); keep: a reward filter such as
+      ``reward==1`` (rejection sampling of the teacher's samples; needs ``reward:``).
+    """
 
     mode: str = "seq"
     teacher: str = ""
@@ -128,7 +136,10 @@ class DistillConfig:
     beta: float = 1.0
     lmbda: float = 1.0
     top_k: int = 0
+    prompts: int = 0
     samples_per_prompt: int = 1
+    sample_temperature: float = 1.0
+    keep: str = ""
 
     def __post_init__(self):
         if self.mode not in ("seq", "logit", "on_policy"):
@@ -136,8 +147,10 @@ class DistillConfig:
         for n in ("alpha", "beta", "lmbda"):
             if not 0 <= getattr(self, n) <= 1:
                 raise ValueError(f"distill.{n}={getattr(self, n)!r} must be in [0, 1]")
-        if self.temperature <= 0 or self.top_k < 0:
-            raise ValueError("distill.temperature must be > 0 and distill.top_k >= 0 (0 = full vocabulary)")
+        if self.temperature <= 0 or self.top_k < 0 or self.sample_temperature < 0 or self.prompts < 0:
+            raise ValueError("distill.temperature must be > 0; distill.top_k, prompts and sample_temperature >= 0")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"distill.samples_per_prompt={self.samples_per_prompt!r} must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.data import PreparedData, eos_id
 from deepseek_jax.train.loop import train
 
-__all__ = ["read_pairs", "encode_pairs", "pack_samples", "sft_data", "run_sft"]
+__all__ = ["read_pairs", "encode_pairs", "pack_samples", "sft_data", "prepared_rows", "run_sft"]
 
 
 def read_pairs(path: str | Path, prompt_field: str = "prompt", completion_field: str = "completion") -> list[dict]:
@@ -106,6 +106,13 @@ def sft_data(tcfg: TrainConfig, pcfg: PostConfig, tokenizer=None) -> PreparedDat
         records, fields = addition.sft_rows(t.sft_examples, t.train_seed, t.digits, t.q), ("prompt", "completion")
     else:
         raise ValueError("SFT needs data: set sft.data (a JSONL of prompt/completion records) or task.name")
+    return prepared_rows(tcfg, pcfg, records, tokenizer, fields)
+
+
+def prepared_rows(tcfg: TrainConfig, pcfg: PostConfig, records: Sequence[dict], tokenizer,
+                  fields: tuple[str, str] = ("prompt", "completion")) -> PreparedData:
+    """Prompt/completion ``records`` encoded, split into train / validation samples (seeded, ``sft.val_fraction``)
+    and packed (``sft.packing``, ``sft.loss_on``) at ``train.seq_len``."""
     eos = eos_id(tokenizer)
     samples = encode_pairs(tokenizer, records, eos, *fields)
     order = np.random.default_rng(tcfg.seed).permutation(len(samples))

@@ -1,0 +1,197 @@
+"""Distillation (post-training.md §1): the losses, the objective for the train step, and the data.
+
+* ``seq`` (R1 §2.4): SFT of the student on the teacher's samples (optionally reward-filtered); works across
+  tokenizers.
+* ``logit`` (Hinton): ``L = alpha tau^2 KL(p_T^tau || q_S^tau) + (1 - alpha) CE``, a masked token mean over the
+  completion, on the same teacher samples with the teacher's distribution at every completion position
+  (``teacher_logp [N, T, V]`` computed once; ``top_k`` keeps the teacher's k most likely tokens, renormalised).
+* ``on_policy`` (GKD): the generalised JSD on the student's own samples (:func:`generalized_jsd`).
+
+``logit`` and ``on_policy`` compare distributions token by token, so teacher and student must share the
+vocabulary (checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.nn import tree
+from deepseek_jax.nn.transformer import ModelOutput, Transformer
+from deepseek_jax.post_train.config import PostConfig
+from deepseek_jax.post_train.evaluate import task_prompts
+from deepseek_jax.post_train.rewards import Rewards
+from deepseek_jax.post_train.sample import sample_records
+from deepseek_jax.post_train.sft import prepared_rows
+from deepseek_jax.post_train.tasks import addition
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.data import PreparedData, eos_id
+from deepseek_jax.train.loop import train
+from deepseek_jax.train.objectives import Pretrain, batch_targets, cross_entropy
+from deepseek_jax.train.run_dir import load_run
+
+__all__ = ["teacher_logprobs", "forward_kl", "generalized_jsd", "LogitDistill", "check_vocabularies",
+           "teacher_logp_rows", "distill_data", "run_distill"]
+
+
+def teacher_logprobs(logits: jax.Array, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+    """``log softmax(logits / temperature)`` over the ``top_k`` most likely tokens (0 = all); the others get
+    ``-inf`` (probability 0)."""
+    x = _f32(logits) / temperature
+    if top_k:
+        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    """At least float32 (float64 stays: the tests run the losses in x64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
+    """``sum_v p (log p - log q)`` per position, with ``0 log 0 = 0`` (so a truncated ``p`` is fine)."""
+    p = jnp.exp(logp)
+    return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    m = mask.astype(x.dtype)
+    return jnp.sum(x * m) / jnp.maximum(m.sum(), 1.0)
+
+
+def forward_kl(teacher_logp: jax.Array, student_logits: jax.Array, mask: jax.Array, temperature: float = 1.0
+               ) -> jax.Array:
+    """``tau^2 * sum_t m_t KL(p_T^tau || q_S^tau)_t / sum_t m_t``: ``teacher_logp [.., t, v]`` already at
+    temperature tau (:func:`teacher_logprobs`), ``student_logits [.., t, v]`` raw, ``mask [.., t]``."""
+    logq = jax.nn.log_softmax(_f32(student_logits) / temperature, axis=-1)
+    return temperature ** 2 * _masked_mean(_kl(teacher_logp, logq), mask)
+
+
+def generalized_jsd(teacher_logp: jax.Array, student_logits: jax.Array, mask: jax.Array, beta: float,
+                    temperature: float = 1.0) -> jax.Array:
+    """GKD's ``JSD_beta = beta KL(p_T || M) + (1 - beta) KL(q_S || M)``, ``M = beta p_T + (1 - beta) q_S``,
+    masked token mean; ``beta = 0`` is the forward ``KL(p_T || q_S)`` and ``beta = 1`` the reverse
+    ``KL(q_S || p_T)`` (the mixture form vanishes at both ends, so they are special-cased, as in TRL)."""
+    logq = jax.nn.log_softmax(_f32(student_logits) / temperature, axis=-1)
+    if beta == 0:
+        per = _kl(teacher_logp, logq)
+    elif beta == 1:
+        per = _kl(logq, teacher_logp)
+    else:
+        logm = jnp.logaddexp(teacher_logp + jnp.log(beta), logq + jnp.log1p(-beta))
+        per = beta * _kl(teacher_logp, logm) + (1 - beta) * _kl(logq, logm)
+    return _masked_mean(per, mask)
+
+
+@dataclass(frozen=True)
+class LogitDistill:
+    """The ``logit`` objective: ``alpha tau^2 KL(p_T^tau || q_S^tau) + (1 - alpha) CE`` on the batch's
+    completion targets (``loss_mask``), with the teacher's ``teacher_logp [N, T, V]`` (at tau) in the batch;
+    plus the MTP losses (``hyper["mtp_lambda"]``) and the balance loss, as in pre-training.
+    Metrics: ``kd`` (the KL term), ``ce``, ``tokens``, ``mtp``, ``balance``."""
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    balance_alpha: float = 1e-4
+
+    def __call__(self, out: ModelOutput, intermediates: Any, batch: dict, hyper: dict) -> tuple[jax.Array, dict]:
+        tgt, mask = batch_targets(batch, 1)
+        kd = forward_kl(batch["teacher_logp"], out.logits, mask, self.temperature)
+        ce, n = cross_entropy(out.logits, tgt, mask)
+        loss, aux = self.alpha * kd + (1 - self.alpha) * ce, {"kd": kd, "ce": ce, "tokens": n}
+        if out.mtp_logits is not None:
+            terms = [cross_entropy(out.mtp_logits[j], *batch_targets(batch, j + 2))[0]
+                     for j in range(out.mtp_logits.shape[0])]
+            aux["mtp"] = jnp.stack(terms)
+            loss = loss + hyper["mtp_lambda"] / len(terms) * sum(terms)
+        bal = tree.collect(intermediates, tree.BALANCE)
+        if bal:
+            aux["balance"] = sum(jnp.sum(b) for b in bal)
+            loss = loss + self.balance_alpha * aux["balance"]
+        return loss, aux
+
+
+def check_vocabularies(student: ModelConfig, teacher: ModelConfig, student_tok, teacher_tok, mode: str) -> None:
+    """``logit`` / ``on_policy`` need one vocabulary: equal ``vocab_size`` and, where both are known, the same
+    token -> id map."""
+    if mode == "seq":
+        return
+    same = student.vocab_size == teacher.vocab_size and (
+        student_tok is None or teacher_tok is None or student_tok.get_vocab() == teacher_tok.get_vocab())
+    if not same:
+        raise ValueError(f"distill.mode={mode!r} compares distributions token by token, so the student and the "
+                         f"teacher need one vocabulary (vocab_size {student.vocab_size} vs {teacher.vocab_size}, "
+                         "or different tokenizers); use distill.mode=seq, which trains on the teacher's text")
+
+
+def teacher_logp_rows(cfg: ModelConfig, variables: dict, rows: dict[str, np.ndarray], temperature: float,
+                      top_k: int = 0, batch: int = 64) -> np.ndarray:
+    """``[N, T, V]`` float32 teacher log-probs at ``temperature`` for packed ``rows`` (a jitted forward per
+    ``batch`` rows, the MTP modules skipped)."""
+    v = {k: x for k, x in variables.items() if k in tree.MODEL_COLLECTIONS}
+
+    @jax.jit
+    def fwd(t, s, p):
+        out = Transformer(cfg).apply(v, t, positions=p, segment_ids=s, with_mtp=False)
+        return teacher_logprobs(out.logits, temperature, top_k)
+
+    n = len(rows["tokens"])
+    parts = []
+    for lo in range(0, n, batch):
+        sl = {k: rows[k][lo:lo + batch] for k in ("tokens", "segment_ids", "positions")}
+        short = batch - len(sl["tokens"])
+        if short:
+            sl = {k: np.concatenate([a, np.zeros((short,) + a.shape[1:], a.dtype)]) for k, a in sl.items()}
+        parts.append(np.asarray(fwd(sl["tokens"], sl["segment_ids"], sl["positions"]))[:batch - short])
+    return np.concatenate(parts)
+
+
+def distill_data(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, teacher: tuple, tokenizer,
+                 progress: bool = False) -> PreparedData:
+    """The student's rows: the teacher's completions of the task's prompts (``distill.prompts``, each
+    ``samples_per_prompt`` times at ``sample_temperature``, filtered by ``distill.keep``), packed like SFT
+    data; for ``logit`` with the teacher's log-probs at tau (``teacher_logp``)."""
+    d, t = pcfg.distill, pcfg.task
+    t_cfg, t_vars = teacher
+    if t.name != "addition":
+        raise ValueError("distill needs prompts: set task.name (addition)")
+    records = task_prompts(t, d.prompts or t.sft_examples, seed=t.train_seed)
+    rewards = Rewards.from_specs([dataclasses.asdict(r) for r in pcfg.reward]) if pcfg.reward else None
+    samples = sample_records(t_cfg, t_vars, tokenizer, records, d.samples_per_prompt, pcfg.grpo.max_completion_tokens,
+                             temperature=d.sample_temperature, seed=tcfg.seed, eos_id=eos_id(tokenizer),
+                             rewards=rewards, keep=d.keep or None, prompts_per_call=512, progress=progress)
+    if not samples:
+        raise ValueError(f"distill.keep={d.keep!r} rejected every teacher sample; loosen it")
+    data = prepared_rows(tcfg, pcfg, samples, tokenizer)
+    data.stats.update(teacher_samples=len(samples), teacher_reward=float(np.mean([s.get("reward") or 0.0
+                                                                                for s in samples])))
+    if d.mode == "logit":
+        for rows in (data.train, data.val):
+            rows["teacher_logp"] = teacher_logp_rows(t_cfg, t_vars, rows, d.temperature, d.top_k)
+    return data
+
+
+def run_distill(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, teacher: str, progress: bool = True,
+                on_step=None) -> dict[str, Any]:
+    """Distil the ``teacher`` (run folder or Hugging Face checkpoint) into a student of config ``cfg`` trained
+    from scratch in ``tcfg.out`` (``seq``: plain SFT on the teacher's samples; ``logit``: :class:`LogitDistill`)."""
+    d = pcfg.distill
+    if d.mode == "on_policy":
+        raise ValueError("distill.mode=on_policy is not built yet; use seq or logit")
+    t_cfg, t_vars, t_tok = load_run(teacher)
+    tokenizer = t_tok or (addition.tokenizer() if pcfg.task.name == "addition" else None)
+    if tokenizer is None:
+        raise ValueError(f"the teacher {teacher} has no tokenizer.json")
+    check_vocabularies(cfg, t_cfg, None, t_tok, d.mode)
+    data = distill_data(cfg, tcfg, pcfg, (t_cfg, t_vars), tokenizer, progress)
+    objective = (Pretrain(tcfg.balance_alpha) if d.mode == "seq"
+                 else LogitDistill(d.temperature, d.alpha, tcfg.balance_alpha))
+    return train(cfg, tcfg.replace(sample_tokens=0), progress=progress, on_step=on_step, objective=objective,
+                 data=data)
