@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 __all__ = ["CONFIG_DIR", "from_dict", "merge", "parse_value", "parse_overrides", "resolve_config_path",
-           "read_yaml", "strip_train_section", "plain"]
+           "read_yaml", "strip_train_section", "plain", "POST_SECTIONS"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -130,9 +130,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return d
 
 
+# a preset's post-training sections (read by deepseek_jax.post_train.config; not model fields)
+POST_SECTIONS = ("sft", "grpo", "distill", "reward", "task", "eval")
+
+
 def strip_train_section(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a preset's dict into ``(model part, train: section)``; the input is not changed."""
-    d = dict(d)
+    """Split a preset's dict into ``(model part, train: section)``, leaving out the post-training sections
+    (:data:`POST_SECTIONS`); the input is not changed."""
+    d = {k: v for k, v in d.items() if k not in POST_SECTIONS}
     train = d.pop("train", None) or {}
     return d, train
 

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from deepseek_jax.config import ModelConfig, config_from_dict
-from deepseek_jax.config_io import from_dict, merge, parse_overrides, read_yaml, resolve_config_path, strip_train_section
+from deepseek_jax.config_io import (POST_SECTIONS, from_dict, merge, parse_overrides, read_yaml, resolve_config_path,
+                                    strip_train_section)
 from deepseek_jax.post_train.grpo import AGGREGATIONS, KL_ESTIMATORS, SCALES
 from deepseek_jax.train.config import TrainConfig
 
 __all__ = ["SFTConfig", "GRPOConfig", "DistillConfig", "RewardSpec", "TaskConfig", "EvalConfig", "PostConfig",
            "SECTIONS", "STAGES", "load_post_config"]
 
-SECTIONS = ("sft", "grpo", "distill", "reward", "task", "eval")
+SECTIONS = POST_SECTIONS
 
 
 def _positive(where: str, **values: Any) -> None:
@@ -67,6 +68,8 @@ class GRPOConfig:
       temperature / max_completion_tokens: sampling; mask_truncated: drop completions without EOS from the loss.
       dynamic_sampling: resample groups whose rewards are all equal, up to ``dynamic_tries`` extra rollouts.
       bias_gamma (router-bias updates, frozen by default), balance_alpha, mtp_lambda (MTP loss, off by default).
+      shuffle_rewards: a control experiment -- each step's rewards are permuted across the batch before the
+        advantages (the verifier's signal destroyed, everything else the same).
     """
 
     prompts_per_step: int = 16
@@ -90,6 +93,7 @@ class GRPOConfig:
     bias_gamma: float = 0.0
     balance_alpha: float = 1e-4
     mtp_lambda: float = 0.0
+    shuffle_rewards: bool = False
 
     def __post_init__(self):
         _positive("grpo", prompts_per_step=self.prompts_per_step, num_iterations=self.num_iterations,

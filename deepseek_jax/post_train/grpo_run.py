@@ -178,6 +178,8 @@ class _GRPORun:
         rows, ro = self._rollout(step, state)
         t1 = time.perf_counter()
         r, per_fn = self._rewards(rows, ro)
+        if self.g.shuffle_rewards:  # the control: the same rewards, assigned to the wrong completions
+            r = r[np.random.default_rng([self.tcfg.seed, 2, step]).permutation(len(r))]
         adv = np.asarray(group_advantages(np.asarray(r, np.float32), self.g.num_generations, self.g.scale_rewards,
                                           self.g.adv_eps))
         t2 = time.perf_counter()

@@ -40,13 +40,14 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids) -> str:
-    """Ids -> text, stopping at the first EOS (padding dropped)."""
+    """Ids -> text, stopping at the first EOS (padding dropped; an id past the vocabulary -- a model's
+    vocab_size may be padded -- becomes U+FFFD, so it can never parse as an answer)."""
     out = []
     for i in ids:
         if i == EOS_ID:
             break
         if i != PAD_ID:
-            out.append(VOCAB[i])
+            out.append(VOCAB[i] if 0 <= i < len(VOCAB) else "\ufffd")
     return "".join(out)
 
 
