@@ -249,38 +249,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek models in JAX/Flax")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="parameter counts and KV-cache bytes (nothing is allocated)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="a preset name or YAML path, e.g. configs/tiny.yaml")
-    src.add_argument("--hf", help="a Hugging Face checkpoint directory or config.json")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--mesh", help="report a layout, e.g. data=2,expert=2,tensor=2 (fakes CPU devices if needed)")
-    p.add_argument("--batch", type=_positive, default=8, help="global batch of the step analysed with --mesh")
-    p.add_argument("--seq", type=_positive, default=128, help="sequence length of the step analysed with --mesh")
-    p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the training step")
-    p.add_argument("--pipeline", help="with --mesh stage=N: the stage split, bytes per rank, bubble and activation "
-                   "peak of SCHEDULE:MICROBATCHES, e.g. dualpipev:8 (schedules: gpipe, 1f1b, interleaved_1f1b, "
-                   "zb_h1, dualpipe, dualpipev)")
-    p.add_argument("--remat", default="none", help="with --mesh: the training step's recomputation policy "
-                   "(train.remat: none, full or deepseek)")
-    p.set_defaults(fn=_info)
-
-    t = sub.add_parser("train", help="train (or resume) a model: the project's main job")
-    t.add_argument("--config", default="configs/tiny.yaml", help="preset name or YAML path (model + train: section)")
-    t.add_argument("--steps", type=int, help="override train.steps")
-    t.add_argument("--out", help="override train.out (the run folder; an existing run there is resumed)")
-    t.add_argument("--mesh", help="e.g. data=2,expert=2,tensor=2 (fakes CPU devices if needed)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
-    t.add_argument("--coordinator", help="multi-process: host:port of process 0 (jax.distributed)")
-    t.add_argument("--num-processes", type=int, default=1)
-    t.add_argument("--process-id", type=int, default=0)
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16 moe.n_routed_experts=8")
-    t.set_defaults(fn=_train)
-
+def _post_parsers(sub) -> None:
+    """The post-training commands: sft, grpo, distill and sample."""
     for name, what in (("sft", "supervised fine-tuning on prompt/completion pairs (loss on the completion)"),
                        ("grpo", "GRPO reinforcement learning against reward functions"),
                        ("distill", "distil a teacher run into the config's (smaller) model: seq or logit")):
@@ -314,6 +284,41 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     sp.set_defaults(fn=_sample)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek models in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="parameter counts and KV-cache bytes (nothing is allocated)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a preset name or YAML path, e.g. configs/tiny.yaml")
+    src.add_argument("--hf", help="a Hugging Face checkpoint directory or config.json")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--mesh", help="report a layout, e.g. data=2,expert=2,tensor=2 (fakes CPU devices if needed)")
+    p.add_argument("--batch", type=_positive, default=8, help="global batch of the step analysed with --mesh")
+    p.add_argument("--seq", type=_positive, default=128, help="sequence length of the step analysed with --mesh")
+    p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the training step")
+    p.add_argument("--pipeline", help="with --mesh stage=N: the stage split, bytes per rank, bubble and activation "
+                   "peak of SCHEDULE:MICROBATCHES, e.g. dualpipev:8 (schedules: gpipe, 1f1b, interleaved_1f1b, "
+                   "zb_h1, dualpipe, dualpipev)")
+    p.add_argument("--remat", default="none", help="with --mesh: the training step's recomputation policy "
+                   "(train.remat: none, full or deepseek)")
+    p.set_defaults(fn=_info)
+
+    t = sub.add_parser("train", help="train (or resume) a model: the project's main job")
+    t.add_argument("--config", default="configs/tiny.yaml", help="preset name or YAML path (model + train: section)")
+    t.add_argument("--steps", type=int, help="override train.steps")
+    t.add_argument("--out", help="override train.out (the run folder; an existing run there is resumed)")
+    t.add_argument("--mesh", help="e.g. data=2,expert=2,tensor=2 (fakes CPU devices if needed)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
+    t.add_argument("--coordinator", help="multi-process: host:port of process 0 (jax.distributed)")
+    t.add_argument("--num-processes", type=int, default=1)
+    t.add_argument("--process-id", type=int, default=0)
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16 moe.n_routed_experts=8")
+    t.set_defaults(fn=_train)
+
+    _post_parsers(sub)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt (KV cache, absorbed MLA)")
     g.add_argument("--checkpoint", required=True,

@@ -47,10 +47,14 @@ def _grads_and_step(cfg, variables, batch, objective, mesh):
     return float(loss), jax.device_get(grads), jax.device_get(m)
 
 
-@pytest.mark.parametrize("agg", ["grpo", "dapo"])
-def test_one_grpo_update_on_a_mesh_equals_one_device(tiny_cfg, tiny_vars, agg):
+@pytest.mark.parametrize("agg,beta", [("grpo", 0.0), ("dapo", 0.0), ("dapo", 0.04)])
+def test_one_grpo_update_on_a_mesh_equals_one_device(tiny_cfg, tiny_vars, agg, beta):
+    """With beta > 0 the batch carries reference log-probs and the k3 penalty joins the loss."""
     batch = _rollout_batch(tiny_cfg)
-    objective = GRPO(agg=agg, eps_low=0.2, eps_high=0.28, balance_alpha=0.0)
+    if beta:
+        batch["ref_logp"] = batch["old_logp"] + np.float32(0.3) * np.random.default_rng(1).normal(
+            size=batch["old_logp"].shape).astype(np.float32)
+    objective = GRPO(agg=agg, eps_low=0.2, eps_high=0.28, beta=beta, balance_alpha=0.0)
     devices = jax.devices()
     one = _grads_and_step(tiny_cfg, tiny_vars, batch, objective, make_mesh({"data": 1}, devices[:1]))
     four = _grads_and_step(tiny_cfg, tiny_vars, batch, objective, make_mesh({"data": 2, "expert": 2}, devices[:4]))
@@ -58,8 +62,10 @@ def test_one_grpo_update_on_a_mesh_equals_one_device(tiny_cfg, tiny_vars, agg):
     flat1, flat4 = jax.tree.leaves(one[1]), jax.tree.leaves(four[1])
     worst = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-30)) for a, b in zip(flat1, flat4))
     assert worst < 1e-5, worst
-    for k in ("loss", "pg_loss", "grad_norm", "clip_frac_region", "entropy", "tokens"):
+    for k in ("loss", "pg_loss", "grad_norm", "clip_frac_region", "entropy", "tokens") + (("kl", "kl_max") if beta else ()):
         np.testing.assert_allclose(four[2][k], one[2][k], rtol=1e-5, err_msg=k)
+    if beta:
+        assert one[2]["kl"] > 0 and one[2]["loss"] != one[2]["pg_loss"]
     assert one[2]["clip_frac_region"] > 0  # the old log-probs put some ratios outside the clip range
 
 

@@ -78,3 +78,30 @@ def test_a_failing_reward_names_the_prompt_and_completion():
         Rewards(((lambda p, c, i: [1.0], 1.0),))(["a", "b"], ["x", "y"], [[1], [1]])
     with pytest.raises(RewardError, match="returned nan"):
         Rewards(((lambda p, c, i: [float("nan")], 1.0),))(["a"], ["x"], [[1]])
+
+
+def test_pass_at_k_equals_the_probability_over_all_k_subsets():
+    """The unbiased estimator 1 - C(n-c, k) / C(n, k) against brute force over every k-subset of n samples."""
+    import itertools
+
+    from deepseek_jax.post_train.evaluate import pass_at_k
+
+    for n, c, k in ((8, 0, 1), (8, 3, 2), (8, 3, 4), (5, 1, 5), (6, 6, 3), (8, 2, 8)):
+        outcomes = [1] * c + [0] * (n - c)
+        subsets = list(itertools.combinations(range(n), k))
+        want = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+        assert abs(pass_at_k(n, c, k) - want) < 1e-12, (n, c, k)
+
+
+def test_keep_filters_parse_and_reject_bad_text():
+    from deepseek_jax.post_train.sample import parse_keep
+
+    assert parse_keep(None) is None
+    eq, ge = parse_keep("reward==1"), parse_keep("reward >= 0.5")
+    assert eq(1.0) and not eq(0.0) and ge(0.5) and not ge(0.49)
+    with pytest.raises(ValueError, match="must look like reward==1"):
+        parse_keep("score>1")
+
+
+def test_decode_maps_ids_past_the_vocabulary_to_a_replacement_character():
+    assert A.decode([A.encode("<a>")[0], 25, A.EOS_ID, 3]) == "<\ufffd"

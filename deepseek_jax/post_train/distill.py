@@ -28,7 +28,7 @@ from deepseek_jax.post_train.config import PostConfig
 from deepseek_jax.post_train.evaluate import task_prompts
 from deepseek_jax.post_train.rewards import Rewards
 from deepseek_jax.post_train.sample import sample_records
-from deepseek_jax.post_train.sft import prepared_rows
+from deepseek_jax.post_train.sft import final_eval, prepared_rows
 from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.data import PreparedData, eos_id
@@ -193,5 +193,6 @@ def run_distill(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, teacher: 
     data = distill_data(cfg, tcfg, pcfg, (t_cfg, t_vars), tokenizer, progress)
     objective = (Pretrain(tcfg.balance_alpha) if d.mode == "seq"
                  else LogitDistill(d.temperature, d.alpha, tcfg.balance_alpha))
-    return train(cfg, tcfg.replace(sample_tokens=0), progress=progress, on_step=on_step, objective=objective,
-                 data=data)
+    summary = train(cfg, tcfg.replace(sample_tokens=0), progress=progress, on_step=on_step, objective=objective,
+                    data=data)
+    return final_eval(cfg, tcfg, pcfg, summary)

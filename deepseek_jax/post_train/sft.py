@@ -14,16 +14,20 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.post_train.config import PostConfig
+from deepseek_jax.post_train.evaluate import evaluate_task
 from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.data import PreparedData, eos_id
+from deepseek_jax.train.hooks import log
 from deepseek_jax.train.loop import train
+from deepseek_jax.train.run_dir import RunDir, load_run
 
-__all__ = ["read_pairs", "encode_pairs", "pack_samples", "sft_data", "prepared_rows", "run_sft"]
+__all__ = ["read_pairs", "encode_pairs", "pack_samples", "sft_data", "prepared_rows", "run_sft", "final_eval"]
 
 
 def read_pairs(path: str | Path, prompt_field: str = "prompt", completion_field: str = "completion") -> list[dict]:
@@ -138,4 +142,19 @@ def run_sft(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, init: dict | 
         raise ValueError(f"the tokenizer has {data.tokenizer.get_vocab_size()} entries but the model's "
                          f"vocab_size is {cfg.vocab_size}")
     # the end-of-run text sample of pre-training is replaced by the task's evaluation
-    return train(cfg, tcfg.replace(sample_tokens=0), progress=progress, on_step=on_step, data=data, init=init)
+    summary = train(cfg, tcfg.replace(sample_tokens=0), progress=progress, on_step=on_step, data=data, init=init)
+    return final_eval(cfg, tcfg, pcfg, summary)
+
+
+def final_eval(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, summary: dict) -> dict:
+    """With a built-in task and a finished run: the held-out evaluation of the run's final checkpoint, logged,
+    appended to ``metrics.jsonl`` (``kind: eval``) and put in the summary."""
+    if pcfg.task.name != "addition" or summary.get("step", 0) < tcfg.steps or "stopped_by" in summary:
+        return summary
+    _, variables, _ = load_run(tcfg.out)
+    e = evaluate_task(cfg, variables, pcfg.task, pcfg.eval, pcfg.grpo.max_completion_tokens, seed=tcfg.seed)
+    rec = {"step": summary["step"], "kind": "eval", **{k: v for k, v in e.items() if k != "samples"}}
+    if jax.process_index() == 0:
+        RunDir(tcfg.out).append_metrics(rec)
+    log(f"held-out greedy exact match {e['em']:.3f} (hard subset {e['em_hard']:.3f}, the rest {e['em_easy']:.3f})")
+    return {**summary, "eval": rec}
