@@ -97,7 +97,9 @@ def test_e5_a_smaller_student_distilled_from_the_grpo_model_keeps_most_of_its_ex
 
 
 def test_e6_grpo_interrupted_and_resumed_repeats_the_uninterrupted_run(runs, tmp_path):
-    common = [*GRPO, "--init", runs[0] / "sft", "train.steps=6", "train.checkpoint_every=3", "eval.every=3"]
+    """With dynamic sampling on (its extra rollouts are part of what must repeat)."""
+    common = [*GRPO, "--init", runs[0] / "sft", "train.steps=6", "train.checkpoint_every=3", "eval.every=3",
+              "grpo.dynamic_sampling=true"]
     _cli("grpo", *common, "--out", tmp_path / "straight")
     _cli("grpo", *common, "--out", tmp_path / "resumed", "train.steps=3")
     _cli("grpo", *common, "--out", tmp_path / "resumed")
@@ -106,4 +108,5 @@ def test_e6_grpo_interrupted_and_resumed_repeats_the_uninterrupted_run(runs, tmp
     straight, resumed = (clean(_records(tmp_path / n, "train")) for n in ("straight", "resumed"))
     assert [r["step"] for r in resumed] == list(range(1, 7))
     assert resumed == straight
+    assert sum(r["dynamic/replaced_groups"] for r in straight) > 0
     assert clean(_records(tmp_path / "resumed", "eval"))[-1] == clean(_records(tmp_path / "straight", "eval"))[-1]

@@ -75,3 +75,20 @@ def test_addition_tokenizer_round_trips_and_has_the_project_eos():
     text = "123+45=<a>861</a>"
     assert tok.encode(text).ids == addition.encode(text) and tok.decode(addition.encode(text)) == text
     assert eos_id(tok) == addition.EOS_ID and tok.get_vocab_size() == len(addition.VOCAB)
+
+
+def test_post_config_stage_train_sections_and_their_precedence():
+    from deepseek_jax.post_train.config import load_post_config
+
+    _, t, p = load_post_config("configs/r1-addition.yaml", stage="grpo")
+    assert t.steps == 30 and t.out == "runs/add-grpo" and t.optim.lr == 1e-4 and t.batch_size == 32
+    _, t, _ = load_post_config("configs/r1-addition.yaml", ["train.out=/x", "train.steps=7"], stage="grpo")
+    assert t.out == "/x" and t.steps == 7  # command-line train.* beats the stage's own train:
+    _, t, _ = load_post_config("configs/r1-addition.yaml", ["train.steps=7", "grpo.train.steps=9"], stage="grpo")
+    assert t.steps == 9
+    _, t, p = load_post_config("configs/r1-addition.yaml", ["grpo.beta=0.04"], stage="sft")
+    assert t.steps == 1500 and t.out == "runs/add-sft" and p.grpo.beta == 0.04 and p.task.name == "addition"
+    with pytest.raises(ValueError, match=r"grpo.train.stepz"):
+        load_post_config("configs/r1-addition.yaml", ["grpo.train.stepz=1"], stage="sft")
+    with pytest.raises(ValueError, match=r"grpo.num_generations=1"):
+        load_post_config("configs/r1-addition.yaml", ["grpo.num_generations=1"])

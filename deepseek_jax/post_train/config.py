@@ -233,24 +233,54 @@ class PostConfig:
 STAGES = ("sft", "grpo", "distill")
 
 
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted override keys as nested dicts: ``{"grpo.train.steps": 5}`` -> ``{"grpo": {"train": {"steps": 5}}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *heads, last = key.split(".")
+        for h in heads:
+            if not isinstance(node.get(h), dict):
+                node[h] = {}
+            node = node[h]
+        node[last] = merge(node[last], value) if isinstance(node.get(last), dict) and isinstance(value, dict) else value
+    return out
+
+
+def _pop_train(d: dict[str, Any], section: str) -> dict[str, Any]:
+    """Remove and return ``d[section]["train"]`` (without changing the caller's nested dicts)."""
+    if not isinstance(d.get(section), dict) or "train" not in d[section]:
+        return {}
+    d[section] = dict(d[section])
+    return d[section].pop("train") or {}
+
+
 def load_post_config(path: str | Path, overrides: list[str] | dict[str, Any] = (), stage: str | None = None
                      ) -> tuple[ModelConfig, TrainConfig, PostConfig]:
     """A post-training preset: ``(model, train:, the post-training sections)``, with ``key=value`` overrides
     (``grpo.beta=0.04``, ``train.steps=50``). Unknown keys are errors.
 
     One preset can hold a whole pipeline: each stage section (``sft:``, ``grpo:``, ``distill:``) may carry a
-    ``train:`` of its own (``grpo: {train: {steps: 40, out: runs/grpo, optim: {lr: 1e-4}}}``) that is merged
-    over the top-level ``train:`` when that ``stage`` runs (``grpo.train.steps=50`` overrides it)."""
+    ``train:`` of its own (``grpo: {train: {steps: 30, out: runs/grpo, optim: {lr: 1e-4}}}``) used when that
+    ``stage`` runs. Precedence, lowest first: the preset's ``train:``, the stage's ``train:``, ``train.*``
+    overrides, ``<stage>.train.*`` overrides."""
     p = resolve_config_path(path)
-    d = merge(read_yaml(p), parse_overrides(overrides))
+    raw, ov = dict(read_yaml(p)), _nested(parse_overrides(overrides))
+    own = {s: (_pop_train(raw, s), _pop_train(ov, s)) for s in STAGES}
+    yaml_train, ov_train = raw.get("train") or {}, ov.get("train") or {}
+    d = merge(raw, ov)
     post = {k: d.pop(k) for k in SECTIONS if k in d}
-    model_d, train_d = strip_train_section(d)
-    per_stage = {s: post[s].pop("train") for s in STAGES if isinstance(post.get(s), dict) and "train" in post[s]}
+    model_d, _ = strip_train_section(d)
+
+    def run_train(s: str | None) -> dict[str, Any]:
+        y, o = own.get(s, ({}, {}))
+        return merge(merge(merge(yaml_train, y), ov_train), o)
+
     try:
-        for s, t in per_stage.items():  # every stage's run settings are checked, not just the one that runs
-            from_dict(TrainConfig, merge(train_d, t), f"{s}.train.")
-        if stage in per_stage:
-            train_d = merge(train_d, per_stage[stage])
-        return config_from_dict(model_d), from_dict(TrainConfig, train_d, "train."), from_dict(PostConfig, post)
+        for s in STAGES:  # every stage's run settings are checked, not just the one that runs
+            if any(own[s]):
+                from_dict(TrainConfig, run_train(s), f"{s}.train.")
+        return (config_from_dict(model_d), from_dict(TrainConfig, run_train(stage), "train."),
+                from_dict(PostConfig, post))
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None

@@ -49,10 +49,17 @@ def grpo_objective(pcfg: PostConfig) -> GRPO:
                 balance_alpha=g.balance_alpha)
 
 
+def _spread(r: np.ndarray, group: int) -> np.ndarray:
+    """Per group: max - min of the rewards that exist (0 for a group without any)."""
+    g = r.reshape(-1, group)
+    ok = ~np.isnan(g)
+    return np.where(ok.any(1), np.where(ok, g, -np.inf).max(1) - np.where(ok, g, np.inf).min(1), 0.0)
+
+
 def reward_stats(r: np.ndarray, adv: np.ndarray, group: int) -> dict[str, float]:
     """Reward and advantage statistics of a rollout (NaN rewards = no function applied, left out)."""
     g = r.reshape(-1, group)
-    spread = np.nanmax(g, 1) - np.nanmin(g, 1)
+    spread = _spread(r, group)
     return {"reward/mean": float(np.nanmean(r)), "reward/std": float(np.nanstd(r)),
             "frac_reward_zero_std": float(np.mean(spread == 0)),
             "frac_groups_all_correct": float(np.mean(np.nanmin(g, 1) >= 1)),
@@ -119,14 +126,35 @@ class _GRPORun:
 
     # ------------------------------------------------------------------ one step
 
-    def _rollout(self, step: int, state) -> tuple[list[dict], Rollout]:
+    def _rollout(self, step: int, state, rows: list[dict] | None = None, attempt: int = 0) -> tuple[list[dict], Rollout]:
         g, t = self.g, self.pcfg.task
-        rows = task_prompts(t, g.prompts_per_step, seed=[t.train_seed, 1, step])
+        rows = rows if rows is not None else task_prompts(t, g.prompts_per_step, seed=[t.train_seed, 1, step])
         ids = [addition.encode(r["prompt"]) for r in rows]
         ro = rollout(self.cfg, self._variables(state), ids, g.num_generations, self.tcfg.seq_len,
-                     g.max_completion_tokens, temperature=g.temperature, seed=self.tcfg.seed * 1_000_003 + step,
-                     eos_id=addition.EOS_ID, mask_truncated=g.mask_truncated, mesh=self._gen_mesh())
+                     g.max_completion_tokens, temperature=g.temperature,
+                     seed=self.tcfg.seed * 1_000_003 + step + 7919 * attempt, eos_id=addition.EOS_ID,
+                     mask_truncated=g.mask_truncated, mesh=self._gen_mesh())
         return [r for r in rows for _ in range(g.num_generations)], ro
+
+    def _resample(self, step: int, state, rows: list[dict], ro: Rollout, r: np.ndarray) -> tuple[np.ndarray, int]:
+        """Dynamic sampling (DAPO; verl ``filter_groups``): groups whose rewards are all equal carry no signal;
+        their prompts are sampled again (up to ``dynamic_tries`` times) and a group is replaced when the new one
+        disagrees. Shapes stay fixed. Returns the rewards and the number of groups replaced."""
+        G, replaced = self.g.num_generations, 0
+        for attempt in range(1, self.g.dynamic_tries + 1):
+            flat = np.nonzero(_spread(r, G) == 0)[0]
+            if not len(flat):
+                break
+            sub_rows, sub = self._rollout(step, state, [rows[i * G] for i in flat], attempt)
+            r2, _ = self._rewards(sub_rows, sub)
+            for k in np.nonzero(_spread(r2, G) > 0)[0]:
+                dst, src = slice(flat[k] * G, (flat[k] + 1) * G), slice(k * G, (k + 1) * G)
+                for name in ("tokens", "segment_ids", "positions", "loss_mask", "sample_logp", "ended"):
+                    getattr(ro, name)[dst] = getattr(sub, name)[src]
+                ro.completions[dst] = sub.completions[src]
+                r[dst] = r2[src]
+                replaced += 1
+        return r, replaced
 
     def _gen_mesh(self):
         return self.mesh if self.mesh.size > 1 else None
@@ -137,7 +165,7 @@ class _GRPORun:
         r, per_fn = self.rewards([r["prompt"] for r in rows], texts, ro.completions, **columns)
         return r, {f"reward/{k}": float(np.nanmean(v)) for k, v in per_fn.items()}
 
-    def _batch(self, ro: Rollout, adv: np.ndarray, state, times: dict) -> tuple[dict, dict]:
+    def _batch(self, step: int, ro: Rollout, adv: np.ndarray, state, times: dict) -> tuple[dict, dict]:
         batch = {**ro.batch(), "advantages": adv.astype(np.float32)}
         put = lambda b: global_batch(b, self.fns.batch_sharding, len(adv))  # noqa: E731
         extra: dict[str, float] = {}
@@ -145,12 +173,16 @@ class _GRPORun:
         if self.ref is not None:
             batch["ref_logp"] = np.asarray(self._logp(self.ref, batch, put))
         times["time/reference"] = time.perf_counter() - t0
-        if self.g.num_iterations > 1 or self.g.minibatches > 1:
+        need_old = self.g.num_iterations > 1 or self.g.minibatches > 1
+        if need_old or step % self.pcfg.eval.every == 0:  # pi_old, or just the sampler-vs-training metric
             old = np.asarray(self._logp(self._variables(state), batch, put))
-            batch["old_logp"] = old
-            diff = np.abs(old - ro.sample_logp)[ro.loss_mask[:, 1:].astype(bool).nonzero()[0],
-                                                ro.loss_mask[:, 1:].astype(bool).nonzero()[1]]
-            extra = {"rollout/logp_absdiff_mean": float(diff.mean()), "rollout/logp_absdiff_max": float(diff.max())}
+            if need_old:
+                batch["old_logp"] = old
+            rows, cols = ro.loss_mask[:, 1:].astype(bool).nonzero()  # positions that predict a completion token
+            diff = np.abs(old - ro.sample_logp)[rows, cols]
+            if diff.size:
+                extra = {"rollout/logp_absdiff_mean": float(diff.mean()),
+                         "rollout/logp_absdiff_max": float(diff.max())}
         return batch, extra
 
     def _logp(self, variables, batch, put):
@@ -178,12 +210,14 @@ class _GRPORun:
         rows, ro = self._rollout(step, state)
         t1 = time.perf_counter()
         r, per_fn = self._rewards(rows, ro)
+        if self.g.dynamic_sampling:
+            r, per_fn["dynamic/replaced_groups"] = self._resample(step, state, rows, ro, r)
         if self.g.shuffle_rewards:  # the control: the same rewards, assigned to the wrong completions
             r = r[np.random.default_rng([self.tcfg.seed, 2, step]).permutation(len(r))]
         adv = np.asarray(group_advantages(np.asarray(r, np.float32), self.g.num_generations, self.g.scale_rewards,
                                           self.g.adv_eps))
         t2 = time.perf_counter()
-        batch, extra = self._batch(ro, adv, state, times)
+        batch, extra = self._batch(step, ro, adv, state, times)
         t3 = time.perf_counter()
         state, m = self._update(state, batch)
         t4 = time.perf_counter()
