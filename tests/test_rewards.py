@@ -105,3 +105,14 @@ def test_keep_filters_parse_and_reject_bad_text():
 
 def test_decode_maps_ids_past_the_vocabulary_to_a_replacement_character():
     assert A.decode([A.encode("<a>")[0], 25, A.EOS_ID, 3]) == "<\ufffd"
+
+
+def test_exact_match_judges_the_ids_not_a_decode_that_drops_unknown_ones():
+    """The task tokenizer's decode skips ids past its vocabulary (the model's vocab_size is padded to 32):
+    a completion with such an id must not score, even though its decoded text looks right."""
+    want = "<a>21</a>"
+    ids = A.encode("<a>2") + [25] + A.encode("1</a>") + [A.EOS_ID]
+    text = A.tokenizer().decode(ids)
+    assert text == want  # the hazard
+    assert A.exact_match(["p"], [text], [ids], answer=[want]) == [0.0]
+    assert A.exact_match(["p"], [want], [A.encode(want) + [A.EOS_ID]], answer=[want]) == [1.0]

@@ -260,6 +260,8 @@ class _GRPORun:
                     self.metrics.after_step(step, state, rec)
                     if self.on_step is not None:
                         self.on_step(step, rec)
+                    if self.ref is not None and self.g.ref_update_every and step % self.g.ref_update_every == 0:
+                        self.ref = H.to_host(self._variables(state))  # DeepSeekMath Alg. 1: pi_ref <- pi_theta
                     if step % every == 0 or step == steps:
                         last = self.evaluate(step, state)
                     if step % self.tcfg.checkpoint_every == 0 or step == steps or stop.signal is not None:

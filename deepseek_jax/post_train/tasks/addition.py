@@ -92,5 +92,6 @@ def exact_match(prompts, completions, completion_ids, answer, **columns) -> list
     for text, ids, want in zip(completions, completion_ids, answer):
         ids = list(ids)
         ended = bool(ids) and ids[-1] == EOS_ID and ids.count(EOS_ID) == 1
-        out.append(1.0 if ended and text == want else 0.0)
+        # judged on the ids: a tokenizer's decode may silently drop ids it does not know (a reward hack)
+        out.append(1.0 if ended and text == want and decode(ids) == want else 0.0)
     return out
