@@ -110,11 +110,12 @@ def test_e5_logit_distillation_pulls_the_student_towards_the_teacher(runs):
 
 def test_e6_grpo_interrupted_and_resumed_repeats_the_uninterrupted_run(runs, tmp_path):
     """With dynamic sampling on (its extra rollouts are part of what must repeat)."""
-    common = [*GRPO, "--init", runs[0] / "sft", "train.steps=6", "train.checkpoint_every=3", "eval.every=3",
-              "grpo.dynamic_sampling=true"]
-    _cli("grpo", *common, "--out", tmp_path / "straight")
-    _cli("grpo", *common, "--out", tmp_path / "resumed", "train.steps=3")
-    _cli("grpo", *common, "--out", tmp_path / "resumed")
+    settings = ["train.steps=6", "train.checkpoint_every=3", "eval.every=3", "grpo.dynamic_sampling=true"]
+    run = lambda out, *extra: _cli("grpo", *GRPO, "--init", runs[0] / "sft", "--out", tmp_path / out,  # noqa: E731
+                                   *settings, *extra)
+    run("straight")
+    run("resumed", "train.steps=3")  # stops after step 3 (its checkpoint), then the same command goes on
+    run("resumed")
     drop = ("time/", "tokens_per_s")
     clean = lambda rs: [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rs]  # noqa: E731
     straight, resumed = (clean(_records(tmp_path / n, "train")) for n in ("straight", "resumed"))
