@@ -33,7 +33,7 @@ from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.data import PreparedData, eos_id
 from deepseek_jax.train.loop import train
-from deepseek_jax.train.objectives import Pretrain, batch_targets, cross_entropy
+from deepseek_jax.train.objectives import Pretrain, add_mtp_and_balance, batch_targets, cross_entropy
 from deepseek_jax.train.run_dir import load_run
 
 __all__ = ["teacher_logprobs", "forward_kl", "generalized_jsd", "LogitDistill", "check_vocabularies",
@@ -106,15 +106,7 @@ class LogitDistill:
         kd = forward_kl(batch["teacher_logp"], out.logits, mask, self.temperature)
         ce, n = cross_entropy(out.logits, tgt, mask)
         loss, aux = self.alpha * kd + (1 - self.alpha) * ce, {"kd": kd, "ce": ce, "tokens": n}
-        if out.mtp_logits is not None:
-            terms = [cross_entropy(out.mtp_logits[j], *batch_targets(batch, j + 2))[0]
-                     for j in range(out.mtp_logits.shape[0])]
-            aux["mtp"] = jnp.stack(terms)
-            loss = loss + hyper["mtp_lambda"] / len(terms) * sum(terms)
-        bal = tree.collect(intermediates, tree.BALANCE)
-        if bal:
-            aux["balance"] = sum(jnp.sum(b) for b in bal)
-            loss = loss + self.balance_alpha * aux["balance"]
+        loss = add_mtp_and_balance(loss, aux, out, intermediates, batch, hyper, self.balance_alpha)
         return loss, aux
 
 

@@ -15,11 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.nn import tree
 from deepseek_jax.nn.transformer import ModelOutput
 from deepseek_jax.parallel.rules import constrain
 from deepseek_jax.post_train.grpo import grpo_loss
-from deepseek_jax.train.objectives import batch_targets, cross_entropy
+from deepseek_jax.train.objectives import add_mtp_and_balance, batch_targets
 
 __all__ = ["token_logps", "GRPO"]
 
@@ -67,13 +66,5 @@ class GRPO:
                                   max_len=self.max_len, delta=self.delta)
         n = m.sum()
         metrics.update(entropy=jax.lax.stop_gradient((entropy * m).sum() / jnp.maximum(n, 1.0)), tokens=n)
-        if out.mtp_logits is not None:
-            terms = [cross_entropy(out.mtp_logits[j], *batch_targets(batch, j + 2))[0]
-                     for j in range(out.mtp_logits.shape[0])]
-            metrics["mtp"] = jnp.stack(terms)
-            loss = loss + hyper["mtp_lambda"] / len(terms) * sum(terms)
-        bal = tree.collect(intermediates, tree.BALANCE)
-        if bal:
-            metrics["balance"] = sum(jnp.sum(b) for b in bal)
-            loss = loss + self.balance_alpha * metrics["balance"]
+        loss = add_mtp_and_balance(loss, metrics, out, intermediates, batch, hyper, self.balance_alpha)
         return loss, metrics

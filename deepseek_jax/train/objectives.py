@@ -32,7 +32,7 @@ from deepseek_jax.nn import tree
 from deepseek_jax.nn.transformer import ModelOutput
 from deepseek_jax.parallel.rules import constrain
 
-__all__ = ["Objective", "cross_entropy", "shifted_targets", "batch_targets", "Pretrain"]
+__all__ = ["Objective", "cross_entropy", "shifted_targets", "batch_targets", "add_mtp_and_balance", "Pretrain"]
 
 Objective = Callable[[ModelOutput, Any, dict, dict], tuple[jax.Array, dict]]
 
@@ -70,6 +70,23 @@ def batch_targets(batch: dict, k: int) -> tuple[jax.Array, jax.Array]:
     return tgt, mask
 
 
+def add_mtp_and_balance(loss: jax.Array, aux: dict, out: ModelOutput, intermediates: Any, batch: dict, hyper: dict,
+                        balance_alpha: float) -> jax.Array:
+    """``loss`` plus the MTP losses (``hyper["mtp_lambda"] / D * sum_k CE(depth k)``, targets masked like the
+    main ones) and the sequence-wise balance loss (``balance_alpha``), in that order; ``aux`` gains ``mtp [D]``
+    and ``balance`` where the model has them. Shared by every objective that trains the whole model."""
+    if out.mtp_logits is not None:
+        terms = [cross_entropy(out.mtp_logits[j], *batch_targets(batch, j + 2))[0]
+                 for j in range(out.mtp_logits.shape[0])]
+        aux["mtp"] = jnp.stack(terms)
+        loss = loss + hyper["mtp_lambda"] / len(terms) * sum(terms)
+    bal = tree.collect(intermediates, tree.BALANCE)
+    if bal:
+        aux["balance"] = sum(jnp.sum(b) for b in bal)
+        loss = loss + balance_alpha * aux["balance"]
+    return loss
+
+
 @dataclass(frozen=True)
 class Pretrain:
     """Next-token cross-entropy, the MTP losses (weight ``hyper["mtp_lambda"]`` over the depth), the
@@ -85,19 +102,8 @@ class Pretrain:
     def __call__(self, out: ModelOutput, intermediates: Any, batch: dict, hyper: dict) -> tuple[jax.Array, dict]:
         tgt, mask = batch_targets(batch, 1)
         ce, n = cross_entropy(out.logits, tgt, mask)
-        total, aux = ce, {"ce": ce, "tokens": n}
-        if out.mtp_logits is not None:
-            depth = out.mtp_logits.shape[0]
-            terms = []
-            for j in range(depth):
-                t_j, m_j = batch_targets(batch, j + 2)
-                terms.append(cross_entropy(out.mtp_logits[j], t_j, m_j)[0])
-            aux["mtp"] = jnp.stack(terms)
-            total = total + hyper["mtp_lambda"] / depth * sum(terms)
-        bal = tree.collect(intermediates, tree.BALANCE)
-        if bal:
-            aux["balance"] = sum(jnp.sum(b) for b in bal)
-            total = total + self.balance_alpha * aux["balance"]
+        aux = {"ce": ce, "tokens": n}
+        total = add_mtp_and_balance(ce, aux, out, intermediates, batch, hyper, self.balance_alpha)
         if self.z_loss:
             lse = jax.nn.logsumexp(out.logits, axis=-1)
             m = mask.astype(jnp.float32)
