@@ -22,11 +22,11 @@ from deepseek_jax.infer.engine import generate
 from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
 from deepseek_jax.post_train.config import load_post_config
 from deepseek_jax.post_train.distill import run_distill
-from deepseek_jax.post_train.evaluate import task_prompts
 from deepseek_jax.post_train.grpo_run import run_grpo
+from deepseek_jax.post_train.prompts import read_records, training_prompts
 from deepseek_jax.post_train.rewards import RewardError, Rewards
 from deepseek_jax.post_train.sample import sample_records, write_jsonl
-from deepseek_jax.post_train.sft import read_pairs, run_sft
+from deepseek_jax.post_train.sft import run_sft
 from deepseek_jax.train.config import load_run_config
 from deepseek_jax.train.data import eos_id
 from deepseek_jax.train.loop import TrainingDiverged, train
@@ -182,7 +182,8 @@ def _post(args: argparse.Namespace) -> int:
             teacher = args.teacher or pcfg.distill.teacher
             if not teacher:
                 raise ValueError("distill needs a teacher: --teacher DIR or distill.teacher in the config")
-            summary = run_distill(cfg, tcfg, pcfg, teacher, progress=not args.no_progress)
+            variables, _ = _init(cfg, args.init)
+            summary = run_distill(cfg, tcfg, pcfg, teacher, init=variables, progress=not args.no_progress)
         else:
             variables, tok = _init(cfg, args.init)
             run = run_sft if args.command == "sft" else run_grpo
@@ -200,8 +201,8 @@ def _sample(args: argparse.Namespace) -> int:
     variables, tok = _init(cfg, args.init)
     if tok is None:
         raise ValueError(f"{args.init} has no tokenizer.json to encode the prompts with")
-    records = read_pairs(args.prompts, completion_field="prompt") if args.prompts else task_prompts(
-        pcfg.task, args.num_prompts or pcfg.task.sft_examples, seed=pcfg.task.train_seed)
+    records = (read_records(args.prompts, ["prompt"], "--prompts") if args.prompts
+               else training_prompts(pcfg, args.num_prompts, pcfg.task.train_seed))
     specs = [{"fn": f, "weight": 1.0} for f in args.reward] or [dataclasses.asdict(r) for r in pcfg.reward]
     rows = sample_records(cfg, variables, tok, records, args.n, args.max_new_tokens or pcfg.grpo.max_completion_tokens,
                           temperature=args.temperature, seed=args.seed, eos_id=eos_id(tok),
@@ -253,7 +254,7 @@ def _post_parsers(sub) -> None:
     """The post-training commands: sft, grpo, distill and sample."""
     for name, what in (("sft", "supervised fine-tuning on prompt/completion pairs (loss on the completion)"),
                        ("grpo", "GRPO reinforcement learning against reward functions"),
-                       ("distill", "distil a teacher run into the config's (smaller) model: seq or logit")):
+                       ("distill", "distil a teacher run into the config's (smaller) model: seq, logit or on_policy")):
         c = sub.add_parser(name, help=what)
         if name == "distill":
             c.add_argument("--teacher", help="the teacher's run folder or Hugging Face checkpoint (distill.teacher)")
@@ -272,7 +273,8 @@ def _post_parsers(sub) -> None:
     sp.add_argument("--config", default="configs/r1-addition.yaml", help="preset (model, task:, reward:, grpo:)")
     sp.add_argument("--init", required=True, help="the run folder or Hugging Face checkpoint to sample from")
     sp.add_argument("--prompts", help="a JSONL of {prompt, ...columns}; default: the task's training prompts")
-    sp.add_argument("--num-prompts", type=_positive, help="how many task prompts (default task.sft_examples)")
+    sp.add_argument("--num-prompts", type=_positive,
+                    help="how many training prompts (default: task.sft_examples, or all of task.prompts)")
     sp.add_argument("--n", type=_positive, default=8, help="completions per prompt")
     sp.add_argument("--temperature", type=float, default=1.0)
     sp.add_argument("--max-new-tokens", type=_positive, help="default grpo.max_completion_tokens")

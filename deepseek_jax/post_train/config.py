@@ -13,6 +13,7 @@ from deepseek_jax.config import ModelConfig, config_from_dict
 from deepseek_jax.config_io import (POST_SECTIONS, from_dict, merge, parse_overrides, read_yaml, resolve_config_path,
                                     strip_train_section)
 from deepseek_jax.post_train.grpo import AGGREGATIONS, KL_ESTIMATORS, SCALES
+from deepseek_jax.post_train.rewards import parse_keep
 from deepseek_jax.train.config import TrainConfig
 
 __all__ = ["SFTConfig", "GRPOConfig", "DistillConfig", "RewardSpec", "TaskConfig", "EvalConfig", "PostConfig",
@@ -155,6 +156,7 @@ class DistillConfig:
             raise ValueError("distill.temperature must be > 0; distill.top_k, prompts and sample_temperature >= 0")
         if self.samples_per_prompt < 1:
             raise ValueError(f"distill.samples_per_prompt={self.samples_per_prompt!r} must be >= 1")
+        parse_keep(self.keep, "distill.keep")
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,9 @@ class RewardSpec:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """A built-in task (``task:``): ``addition`` (noisy-teacher addition, :mod:`...tasks.addition`).
+    """Where prompts come from (``task:``): a built-in task -- ``addition`` (noisy-teacher addition,
+    :mod:`...tasks.addition`) -- or ``prompts``, a JSONL of ``{prompt, ...columns}`` records (the columns reach
+    the reward functions by name; ``prompt_field`` names the prompt's field).
 
     Attributes:
       digits: operand digits; q: how often the teacher drops the carry on the hard subset S.
@@ -176,6 +180,8 @@ class TaskConfig:
     """
 
     name: str = ""
+    prompts: str = ""
+    prompt_field: str = "prompt"
     digits: int = 3
     q: float = 0.6
     sft_examples: int = 20_000
@@ -185,7 +191,9 @@ class TaskConfig:
 
     def __post_init__(self):
         if self.name not in ("", "addition"):
-            raise ValueError(f"task.name={self.name!r} must be 'addition' or empty (data from sft.data / prompts)")
+            raise ValueError(f"task.name={self.name!r} must be 'addition' or empty (prompts from task.prompts)")
+        if self.name and self.prompts:
+            raise ValueError(f"task.name={self.name!r} and task.prompts={self.prompts!r}: give one source of prompts")
         _positive("task", digits=self.digits, sft_examples=self.sft_examples, eval_prompts=self.eval_prompts)
         if not 0 <= self.q <= 1:
             raise ValueError(f"task.q={self.q!r} must be in [0, 1]")
@@ -193,9 +201,13 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation (``eval:``): greedy exact match (on and off the hard subset), and pass@k from
+    """Held-out evaluation (``eval:``) on ``prompts`` (a JSONL; default: the built-in task's held-out problems):
+    greedy reward and exact match -- a completion is right when its reward passes ``correct`` (``reward==1``) --
+    on and off the hard subset (rows with a boolean ``hard`` column); pass@k (unbiased) and maj@k from
     ``samples`` completions per prompt at temperature 1 on the first ``pass_prompts`` prompts."""
 
+    prompts: str = ""
+    correct: str = "reward==1"
     every: int = 50
     pass_k: tuple[int, ...] = (1, 2, 4, 8)
     samples: int = 8
@@ -205,6 +217,7 @@ class EvalConfig:
     def __post_init__(self):
         object.__setattr__(self, "pass_k", tuple(int(k) for k in self.pass_k))
         _positive("eval", every=self.every, samples=self.samples, pass_prompts=self.pass_prompts)
+        parse_keep(self.correct, "eval.correct")
         if any(k < 1 or k > self.samples for k in self.pass_k):
             raise ValueError(f"eval.pass_k={list(self.pass_k)} must lie in 1..eval.samples={self.samples}")
 

@@ -1,11 +1,15 @@
-"""Held-out evaluation of a verifiable task (post-training.md §5): greedy exact match on and off the hard
-subset S, and pass@k from ``n`` samples at temperature 1 with the unbiased estimator (Chen et al. 2021)::
+"""Held-out evaluation (post-training.md §5), judged by the reward functions: greedy reward and exact match (a
+completion is right when its reward passes ``eval.correct``), on and off the hard subset S when the prompts
+carry a boolean ``hard`` column; from ``n`` samples per prompt at temperature 1, pass@k with the unbiased
+estimator (Chen et al. 2021) and maj@k (the most frequent of the first k completions, ties to the earliest)::
 
     pass@k = E_prompts[ 1 - C(n - c, k) / C(n, k) ]      c = correct samples out of n
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from math import comb
 from typing import Any, Sequence
 
@@ -13,10 +17,12 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.engine import generate
-from deepseek_jax.post_train.config import EvalConfig, TaskConfig
-from deepseek_jax.post_train.tasks import addition
+from deepseek_jax.post_train.config import PostConfig
+from deepseek_jax.post_train.prompts import encode_prompts, heldout_prompts, task_tokenizer
+from deepseek_jax.post_train.rewards import Rewards, parse_keep
+from deepseek_jax.train.data import eos_id
 
-__all__ = ["pass_at_k", "task_prompts", "evaluate_task"]
+__all__ = ["pass_at_k", "majority_correct", "evaluate_task"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,44 +32,60 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def task_prompts(task: TaskConfig, n: int | None = None, seed: int | None = None) -> list[dict]:
-    """Problems ``{"prompt", "answer", "hard"}`` of the task (``n`` of them from ``seed``; default the held-out
-    set ``task.eval_prompts`` from ``task.eval_seed``)."""
-    if task.name != "addition":
-        raise ValueError("evaluation needs a built-in task (task.name: addition)")
-    return addition.prompt_rows(task.eval_prompts if n is None else n, task.eval_seed if seed is None else seed,
-                                task.digits)
+def majority_correct(texts: Sequence[str], correct: Sequence[bool]) -> bool:
+    """maj@k of one prompt: is the most frequent completion text right? (Ties go to the one seen first.)"""
+    counts = Counter(texts)
+    top = max(counts.values())
+    first = next(i for i, t in enumerate(texts) if counts[t] == top)
+    return bool(correct[first])
 
 
-def _scores(rows: Sequence[dict], gen) -> np.ndarray:
-    texts = [addition.decode(t) for t in gen.tokens]
-    return np.asarray(addition.exact_match([r["prompt"] for r in rows], texts, gen.tokens,
-                                           answer=[r["answer"] for r in rows]))
+def _judge(rows: Sequence[dict], gen, tokenizer, eos: int, rewards: Rewards) -> tuple[list[str], np.ndarray]:
+    texts = [tokenizer.decode([t for t in g if t != eos]) for g in gen.tokens]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    r, _ = rewards([r["prompt"] for r in rows], texts, gen.tokens, **columns)
+    return texts, r
 
 
-def evaluate_task(cfg: ModelConfig, variables: dict, task: TaskConfig, ev: EvalConfig, max_new_tokens: int,
-                  seed: int = 0, mesh=None) -> dict[str, Any]:
-    """``em``, ``em_hard`` (on S), ``em_easy`` (off S) of greedy decoding over the held-out prompts; with
-    ``pass_k``, ``pass@k`` / ``pass@k_hard`` / ``pass@k_easy`` from ``ev.samples`` samples at T = 1 on the first
-    ``ev.pass_prompts`` prompts; ``samples``: the first ``ev.show`` (prompt, completion, reward) rows."""
-    rows = task_prompts(task)
-    ids = [addition.encode(r["prompt"]) for r in rows]
-    hard = np.array([r["hard"] for r in rows])
-    gen = generate(cfg, variables, ids, max_new_tokens, eos_id=addition.EOS_ID, details=True, mesh=mesh)
-    ok = _scores(rows, gen)
-    out: dict[str, Any] = {"em": float(ok.mean()), "em_hard": float(ok[hard].mean()) if hard.any() else None,
-                           "em_easy": float(ok[~hard].mean()) if (~hard).any() else None,
-                           "samples": [{"prompt": r["prompt"], "completion": addition.decode(t), "reward": float(s)}
-                                       for r, t, s in list(zip(rows, gen.tokens, ok))[:ev.show]]}
+def _split(out: dict, name: str, per: np.ndarray, hard: np.ndarray | None) -> None:
+    out[name] = float(np.mean(per))
+    if hard is not None:
+        for part, sel in (("hard", hard), ("easy", ~hard)):
+            out[f"{name}_{part}"] = float(np.mean(per[sel])) if sel.any() else None
+
+
+def evaluate_task(cfg: ModelConfig, variables: dict, pcfg: PostConfig, max_new_tokens: int, tokenizer=None,
+                  seed: int = 0, mesh=None) -> dict[str, Any] | None:
+    """The held-out evaluation (None without held-out prompts or rewards): ``reward`` (greedy mean), ``em``
+    (share right), with a ``hard`` column ``em_hard`` / ``em_easy`` (and the same split of the sampled
+    scores); with ``eval.pass_k``, ``pass@k`` and ``maj@k`` from ``eval.samples`` samples at T = 1 on the first
+    ``eval.pass_prompts`` prompts; ``samples``: the first ``eval.show`` (prompt, completion, reward) rows."""
+    rows, ev = heldout_prompts(pcfg), pcfg.eval
+    if not rows or not pcfg.reward:
+        return None
+    tok = task_tokenizer(pcfg, tokenizer)
+    eos, ok_fn = eos_id(tok), parse_keep(ev.correct, "eval.correct")
+    rewards = Rewards.from_specs([dataclasses.asdict(r) for r in pcfg.reward])
+    ids = encode_prompts(tok, rows)
+    hard = np.array([bool(r["hard"]) for r in rows]) if all(isinstance(r.get("hard"), bool) for r in rows) else None
+    gen = generate(cfg, variables, ids, max_new_tokens, eos_id=eos, details=True, mesh=mesh)
+    texts, r = _judge(rows, gen, tok, eos, rewards)
+    ok = np.array([not np.isnan(x) and ok_fn(x) for x in r])
+    out: dict[str, Any] = {"reward": float(np.nanmean(r)) if not np.isnan(r).all() else None}
+    _split(out, "em", ok, hard)
+    out["samples"] = [{"prompt": q["prompt"], "completion": t, "reward": None if np.isnan(x) else float(x)}
+                      for q, t, x in list(zip(rows, texts, r))[:ev.show]]
     if ev.pass_k:
-        m = min(ev.pass_prompts, len(rows))
-        rep = [r for r in rows[:m] for _ in range(ev.samples)]
-        sgen = generate(cfg, variables, [i for i in ids[:m] for _ in range(ev.samples)], max_new_tokens,
-                        temperature=1.0, seed=seed, eos_id=addition.EOS_ID, details=True, mesh=mesh)
-        correct = _scores(rep, sgen).reshape(m, ev.samples).sum(1).astype(int)
+        m, n = min(ev.pass_prompts, len(rows)), ev.samples
+        rep = [q for q in rows[:m] for _ in range(n)]
+        sgen = generate(cfg, variables, [i for i in ids[:m] for _ in range(n)], max_new_tokens, temperature=1.0,
+                        seed=seed, eos_id=eos, details=True, mesh=mesh)
+        stexts, sr = _judge(rep, sgen, tok, eos, rewards)
+        right = np.array([not np.isnan(x) and ok_fn(x) for x in sr]).reshape(m, n)
+        sub = None if hard is None else hard[:m]
         for k in ev.pass_k:
-            per = np.array([pass_at_k(ev.samples, int(c), k) for c in correct])
-            out[f"pass@{k}"] = float(per.mean())
-            for name, sel in (("hard", hard[:m]), ("easy", ~hard[:m])):
-                out[f"pass@{k}_{name}"] = float(per[sel].mean()) if sel.any() else None
+            _split(out, f"pass@{k}", np.array([pass_at_k(n, int(c), k) for c in right.sum(1)]), sub)
+            if k > 1:
+                maj = [majority_correct(stexts[i * n:i * n + k], right[i, :k]) for i in range(m)]
+                _split(out, f"maj@{k}", np.array(maj, float), sub)
     return out

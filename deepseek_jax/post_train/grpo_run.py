@@ -26,15 +26,16 @@ import yaml
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.post_train.config import PostConfig
-from deepseek_jax.post_train.evaluate import evaluate_task, task_prompts
+from deepseek_jax.post_train.evaluate import evaluate_task
 from deepseek_jax.post_train.grpo import group_advantages
 from deepseek_jax.post_train.logprobs import per_token_logps
 from deepseek_jax.post_train.objectives import GRPO
+from deepseek_jax.post_train.prompts import encode_prompts, task_tokenizer, training_prompts
 from deepseek_jax.post_train.rewards import Rewards
 from deepseek_jax.post_train.rollout import Rollout, rollout
-from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.train import hooks as H
 from deepseek_jax.train.config import StepConfig, TrainConfig
+from deepseek_jax.train.data import eos_id
 from deepseek_jax.train.loop import TrainingDiverged, start_from
 from deepseek_jax.train.run_dir import Checkpoints, RunDir
 from deepseek_jax.train.step import global_batch, hyper, make_train_fns, mesh_for
@@ -72,27 +73,26 @@ def run_grpo(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, init: dict |
              progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) GRPO in ``tcfg.out`` from ``init``'s variables (usually the SFT run's); ``train.steps``
     GRPO steps, ``train.seq_len`` the rollout width. Returns a summary with the last evaluation."""
-    if pcfg.task.name != "addition":
-        raise ValueError("grpo needs prompts: set task.name (addition)")
+    if not pcfg.task.name and not pcfg.task.prompts:
+        raise ValueError("grpo needs prompts: set task.name (addition) or task.prompts (a JSONL of {prompt, ...})")
     if not pcfg.reward:
         raise ValueError("grpo needs at least one reward: the reward: list of {fn: module:function, weight: w}")
     with RunDir(tcfg.out).open_for_writing(cfg, lock=jax.process_index() == 0) as run:
-        return _GRPORun(run, cfg, tcfg, pcfg, tokenizer or addition.tokenizer(), progress, on_step).run(init)
+        return GRPORun(run, cfg, tcfg, pcfg, task_tokenizer(pcfg, tokenizer), progress, on_step).run(init)
 
 
-class _GRPORun:
+class GRPORun:
     def __init__(self, run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, tokenizer, progress: bool,
                  on_step):
         self.dir, self.cfg, self.tcfg, self.pcfg, self.g = run, cfg, tcfg, pcfg, pcfg.grpo
-        self.tokenizer, self.on_step = tokenizer, on_step
+        self.tokenizer, self.eos, self.on_step = tokenizer, eos_id(tokenizer), on_step
         self.mesh = mesh_for(tcfg.mesh)
         g = self.g
-        self.rows = g.rows // g.minibatches
-        step_cfg = StepConfig(batch_size=self.rows, seq_len=tcfg.seq_len,
-                              steps=tcfg.steps * g.num_iterations * g.minibatches, remat=tcfg.remat,
-                              optim=dataclasses.replace(tcfg.optim, ema_decay=0.0))
-        self.fns = make_train_fns(cfg, step_cfg, grpo_objective(pcfg), self.mesh)
-        self.rewards = Rewards.from_specs([dataclasses.asdict(r) for r in pcfg.reward])
+        self.rows, self.passes, self.parts = self._update_shape()
+        step_cfg = StepConfig(batch_size=self.rows, seq_len=tcfg.seq_len, steps=tcfg.steps * self.passes * self.parts,
+                              remat=tcfg.remat, optim=dataclasses.replace(tcfg.optim, ema_decay=0.0))
+        self.fns = make_train_fns(cfg, step_cfg, self._objective(), self.mesh)
+        self.rewards = Rewards.from_specs([dataclasses.asdict(r) for r in pcfg.reward]) if pcfg.reward else None
         self.logp = jax.jit(lambda v, t, s, p: per_token_logps(cfg, v, t, s, p, g.temperature)[0])
         self.metrics = H.MetricsHook(run, tcfg.log_every, tcfg.steps)
         self.progress = progress
@@ -101,13 +101,25 @@ class _GRPORun:
             run.write_setup(cfg, tcfg, tokenizer)
             (run.path / "post_train.yaml").write_text(yaml.safe_dump(pcfg.to_dict(), sort_keys=False))
 
+    # ------------------------------------------------------------------ what a subclass changes
+
+    def _update_shape(self) -> tuple[int, int, int]:
+        """(rows per update, passes over a step's batch, updates per pass)."""
+        return self.g.rows // self.g.minibatches, self.g.num_iterations, self.g.minibatches
+
+    def _objective(self):
+        return grpo_objective(self.pcfg)
+
+    def _wants_ref(self) -> bool:
+        return self.g.beta > 0
+
     # ------------------------------------------------------------------ state
 
     def _start(self, init: dict | None) -> tuple[Any, Checkpoints, int]:
         state = self.fns.init(jax.random.key(self.tcfg.seed))
         if init is not None:
             state = start_from(state, init)
-        if self.g.beta > 0:
+        if self._wants_ref():
             self.ref = H.to_host({tree.PARAMS: state[tree.PARAMS], tree.ROUTER: state[tree.ROUTER]})
         ckpts = Checkpoints(self.dir, self.tcfg.keep_checkpoints)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -128,11 +140,11 @@ class _GRPORun:
 
     def _rollout(self, step: int, state, rows: list[dict] | None = None, attempt: int = 0) -> tuple[list[dict], Rollout]:
         g, t = self.g, self.pcfg.task
-        rows = rows if rows is not None else task_prompts(t, g.prompts_per_step, seed=[t.train_seed, 1, step])
-        ids = [addition.encode(r["prompt"]) for r in rows]
+        rows = rows if rows is not None else training_prompts(self.pcfg, g.prompts_per_step, [t.train_seed, 1, step])
+        ids = encode_prompts(self.tokenizer, rows)
         ro = rollout(self.cfg, self._variables(state), ids, g.num_generations, self.tcfg.seq_len,
                      g.max_completion_tokens, temperature=g.temperature,
-                     seed=self.tcfg.seed * 1_000_003 + step + 7919 * attempt, eos_id=addition.EOS_ID,
+                     seed=self.tcfg.seed * 1_000_003 + step + 7919 * attempt, eos_id=self.eos,
                      mask_truncated=g.mask_truncated, mesh=self._gen_mesh())
         return [r for r in rows for _ in range(g.num_generations)], ro
 
@@ -160,7 +172,7 @@ class _GRPORun:
         return self.mesh if self.mesh.size > 1 else None
 
     def _rewards(self, rows: list[dict], ro: Rollout) -> tuple[np.ndarray, dict]:
-        texts = [self.tokenizer.decode([i for i in c if i != addition.EOS_ID]) for c in ro.completions]
+        texts = [self.tokenizer.decode([i for i in c if i != self.eos]) for c in ro.completions]
         columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
         r, per_fn = self.rewards([r["prompt"] for r in rows], texts, ro.completions, **columns)
         return r, {f"reward/{k}": float(np.nanmean(v)) for k, v in per_fn.items()}
@@ -193,8 +205,8 @@ class _GRPORun:
     def _update(self, state, batch: dict) -> tuple[Any, dict]:
         g, n = self.g, self.rows
         ms = []
-        for _ in range(g.num_iterations):
-            for k in range(g.minibatches):
+        for _ in range(self.passes):
+            for k in range(self.parts):
                 part = global_batch({key: v[k * n:(k + 1) * n] for key, v in batch.items()}, self.fns.batch_sharding, n)
                 state, m = self.fns.step(state, part, hyper(g.mtp_lambda, g.bias_gamma))
                 ms.append(jax.device_get(m))
@@ -231,12 +243,19 @@ class _GRPORun:
 
     # ------------------------------------------------------------------ the loop
 
-    def evaluate(self, step: int, state) -> dict:
-        e = evaluate_task(self.cfg, jax.device_get(self._variables(state)), self.pcfg.task, self.pcfg.eval,
-                          self.g.max_completion_tokens, seed=self.tcfg.seed + step)
-        rec = {"step": step, "kind": "eval", **{k: v for k, v in e.items() if k != "samples"}}
+    def _eval_record(self, step: int, state) -> dict | None:
+        """The held-out evaluation as a metrics record (None without held-out prompts)."""
+        e = evaluate_task(self.cfg, jax.device_get(self._variables(state)), self.pcfg, self.g.max_completion_tokens,
+                          tokenizer=self.tokenizer, seed=self.tcfg.seed + step)
+        return None if e is None else {"step": step, "kind": "eval", **e}
+
+    def evaluate(self, step: int, state) -> dict | None:
+        e = self._eval_record(step, state)
+        if e is None:
+            return None
+        rec = {k: v for k, v in e.items() if k != "samples"}
         self.metrics.record(rec)
-        if self.dir.path.exists() and jax.process_index() == 0:
+        if self.dir.path.exists() and jax.process_index() == 0 and e.get("samples"):
             with open(self.dir.path / "samples.jsonl", "a") as f:
                 for s in e["samples"]:
                     f.write(yaml.safe_dump({"step": step, **s}, default_flow_style=True).strip() + "\n")
@@ -289,7 +308,9 @@ def _bar(enabled: bool, total: int, initial: int):
 def _advance(bar, rec: dict, last: dict | None) -> None:
     if bar is None:
         return
-    post = {"reward": f"{rec['reward/mean']:.3f}", "s/step": f"{rec['time/step']:.2f}"}
+    post = {"s/step": f"{rec['time/step']:.2f}"}
+    if "reward/mean" in rec:
+        post["reward"] = f"{rec['reward/mean']:.3f}"
     if last is not None and last.get("em_hard") is not None:
         post["EM S"] = f"{last['em_hard']:.2f}"
     bar.set_postfix(post, refresh=False)

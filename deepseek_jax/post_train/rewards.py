@@ -14,13 +14,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["RewardFn", "RewardError", "load_reward", "Rewards"]
+__all__ = ["RewardFn", "RewardError", "load_reward", "Rewards", "parse_keep"]
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -104,3 +105,19 @@ class Rewards:
                 raise RewardError(f"reward {name} returned {v!r} (not a finite number or None) for prompt "
                                   f"{prompts[i]!r}, completion {completions[i]!r}")
         return values
+
+
+_KEEP = re.compile(r"^\s*reward\s*(==|>=|>|<=|<)\s*(-?[0-9.eE+-]+)\s*$")
+
+
+def parse_keep(text: str | None, what: str = "--keep"):
+    """``"reward==1"`` / ``"reward>=0.5"`` -> a predicate on a reward (None: keep everything); ``what`` names
+    the setting in the error."""
+    if not text:
+        return None
+    m = _KEEP.match(text)
+    if not m:
+        raise ValueError(f"{what}: {text!r} must look like reward==1 or reward>=0.5")
+    op, v = m.group(1), float(m.group(2))
+    return {"==": lambda r: r == v, ">=": lambda r: r >= v, ">": lambda r: r > v, "<=": lambda r: r <= v,
+            "<": lambda r: r < v}[op]

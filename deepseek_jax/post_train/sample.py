@@ -5,7 +5,6 @@ reward plug-ins and optionally filtered -- rejection sampling (R1 step 3: keep t
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,23 +12,9 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.engine import generate
-from deepseek_jax.post_train.rewards import Rewards
+from deepseek_jax.post_train.rewards import Rewards, parse_keep
 
 __all__ = ["parse_keep", "sample_records", "write_jsonl"]
-
-_KEEP = re.compile(r"^\s*reward\s*(==|>=|>|<=|<)\s*(-?[0-9.eE+-]+)\s*$")
-
-
-def parse_keep(text: str | None):
-    """``"reward==1"`` / ``"reward>=0.5"`` -> a predicate on a reward (None: keep everything)."""
-    if not text:
-        return None
-    m = _KEEP.match(text)
-    if not m:
-        raise ValueError(f"--keep {text!r} must look like reward==1 or reward>=0.5")
-    op, v = m.group(1), float(m.group(2))
-    return {"==": lambda r: r == v, ">=": lambda r: r >= v, ">": lambda r: r > v, "<=": lambda r: r <= v,
-            "<": lambda r: r < v}[op]
 
 
 def sample_records(cfg: ModelConfig, variables: dict, tokenizer, records: Sequence[dict], n: int, max_new_tokens: int,

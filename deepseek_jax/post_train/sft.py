@@ -10,7 +10,6 @@ positions and targets never cross), so packed and unpacked training give the sam
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.post_train.config import PostConfig
 from deepseek_jax.post_train.evaluate import evaluate_task
+from deepseek_jax.post_train.prompts import read_records
 from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.data import PreparedData, eos_id
@@ -33,25 +33,8 @@ __all__ = ["read_pairs", "encode_pairs", "pack_samples", "sft_data", "prepared_r
 def read_pairs(path: str | Path, prompt_field: str = "prompt", completion_field: str = "completion") -> list[dict]:
     """The records of a JSONL file that have string ``prompt_field`` and ``completion_field`` (other columns
     kept); a line that is not JSON or lacks a field is an error naming the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sft.data: no file at {str(path)!r}")
-    out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not JSON ({e.msg})") from None
-        for f in (prompt_field, completion_field):
-            if not isinstance(rec.get(f), str):
-                raise ValueError(f"{p}:{n}: the record has no string field {f!r} (sft.prompt_field / "
-                                 "sft.completion_field name the fields)")
-        out.append(rec)
-    if not out:
-        raise ValueError(f"{p}: no records")
-    return out
+    return read_records(path, (prompt_field, completion_field), "sft.data; sft.prompt_field and "
+                        "sft.completion_field name the fields")
 
 
 def encode_pairs(tokenizer, records: Sequence[dict], eos: int, prompt_field: str = "prompt",
@@ -146,15 +129,19 @@ def run_sft(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, init: dict | 
     return final_eval(cfg, tcfg, pcfg, summary)
 
 
-def final_eval(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, summary: dict) -> dict:
-    """With a built-in task and a finished run: the held-out evaluation of the run's final checkpoint, logged,
+def final_eval(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, summary: dict, tokenizer=None) -> dict:
+    """With held-out prompts and a finished run: the held-out evaluation of the run's final checkpoint, logged,
     appended to ``metrics.jsonl`` (``kind: eval``) and put in the summary."""
-    if pcfg.task.name != "addition" or summary.get("step", 0) < tcfg.steps or "stopped_by" in summary:
+    if summary.get("step", 0) < tcfg.steps or "stopped_by" in summary:
         return summary
-    _, variables, _ = load_run(tcfg.out)
-    e = evaluate_task(cfg, variables, pcfg.task, pcfg.eval, pcfg.grpo.max_completion_tokens, seed=tcfg.seed)
+    _, variables, tok = load_run(tcfg.out)
+    e = evaluate_task(cfg, variables, pcfg, pcfg.grpo.max_completion_tokens, tokenizer=tok or tokenizer,
+                      seed=tcfg.seed)
+    if e is None:
+        return summary
     rec = {"step": summary["step"], "kind": "eval", **{k: v for k, v in e.items() if k != "samples"}}
     if jax.process_index() == 0:
         RunDir(tcfg.out).append_metrics(rec)
-    log(f"held-out greedy exact match {e['em']:.3f} (hard subset {e['em_hard']:.3f}, the rest {e['em_easy']:.3f})")
+    log(f"held-out greedy exact match {e['em']:.3f}" + (f" (hard subset {e['em_hard']:.3f}, the rest "
+                                                       f"{e['em_easy']:.3f})" if e.get("em_hard") is not None else ""))
     return {**summary, "eval": rec}
