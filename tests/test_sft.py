@@ -122,7 +122,8 @@ def test_sft_starts_from_a_hugging_face_checkpoint_with_its_tokenizer(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     assert main(["sft", "--config", str(tmp_path / "m.yaml"), "--init", str(tmp_path / "hf"), "--out", str(out),
-                 "--no-progress", f"sft.data={tmp_path / 'd.jsonl'}", "train.steps=1", "train.batch_size=8", "train.seq_len=32",
+                 "--no-progress", f"sft.data={tmp_path / 'd.jsonl'}", "train.steps=1", "train.batch_size=8",
+                 "train.seq_len=32",
                  "train.optim.lr=1e-9", "train.optim.warmup_steps=0", "train.optim.schedule=constant",
                  "train.eval_every=100"]) == 0
     _, got, tok = load_run(out)

@@ -253,7 +253,8 @@ class OnPolicyRun(GRPORun):
         t3 = time.perf_counter()
         lens = np.array([len(c) for c in ro.completions])
         return state, {"step": step + 1, "kind": "train", **m, "on_policy": float(on),
-                       "completion/len_mean": float(lens.mean()), "completion/truncated_frac": float(1 - ro.ended.mean()),
+                       "completion/len_mean": float(lens.mean()),
+                       "completion/truncated_frac": float(1 - ro.ended.mean()),
                        "time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0}
 
     def _eval_record(self, step: int, state) -> dict | None:

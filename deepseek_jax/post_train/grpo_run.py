@@ -138,7 +138,8 @@ class GRPORun:
 
     # ------------------------------------------------------------------ one step
 
-    def _rollout(self, step: int, state, rows: list[dict] | None = None, attempt: int = 0) -> tuple[list[dict], Rollout]:
+    def _rollout(self, step: int, state, rows: list[dict] | None = None, attempt: int = 0
+                 ) -> tuple[list[dict], Rollout]:
         g, t = self.g, self.pcfg.task
         rows = rows if rows is not None else training_prompts(self.pcfg, g.prompts_per_step, [t.train_seed, 1, step])
         ids = encode_prompts(self.tokenizer, rows)
