@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 
@@ -17,6 +18,8 @@ from deepseek_jax.analysis.layout import format_report
 from deepseek_jax.analysis.params import model_info
 from deepseek_jax.analysis.pipeline import parse_pipeline, pipeline_report
 from deepseek_jax.config import load_config
+from deepseek_jax.eval.long_context import (document_windows, niah_eval, parse_depths, perplexity_by_position,
+                                            with_yarn, write_niah)
 from deepseek_jax.hf import config_from_hf
 from deepseek_jax.infer.engine import generate
 from deepseek_jax.parallel.mesh import make_mesh, mesh_size, parse_mesh
@@ -28,10 +31,12 @@ from deepseek_jax.post_train.rewards import RewardError, Rewards
 from deepseek_jax.post_train.sample import sample_records, write_jsonl
 from deepseek_jax.post_train.sft import run_sft
 from deepseek_jax.train.config import load_run_config
-from deepseek_jax.train.data import eos_id
+from deepseek_jax.train.corpus import read_documents
+from deepseek_jax.train.data import DataConfig, eos_id, split_documents
+from deepseek_jax.train.synthetic import NIAHConfig
 from deepseek_jax.train.loop import TrainingDiverged, train
 from deepseek_jax.train.lock import RunLocked
-from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, load_run
+from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, RunDir, load_run
 from deepseek_jax.train.step import step_layout_report
 
 __all__ = ["main"]
@@ -143,8 +148,13 @@ def _train(args: argparse.Namespace) -> int:
                                    process_id=args.process_id)
     elif devices:
         _fake_cpu_devices(devices)
+    init = None
+    if args.init:
+        _, init, tok = load_run(args.init, log=_log)
+        if tcfg.data.kind == "text" and not tcfg.data.tokenizer and tok is not None:
+            tcfg = tcfg.replace(data={"tokenizer": str(RunDir(args.init).tokenizer)})  # keep the token ids
     try:
-        summary = train(cfg, tcfg, progress=not args.no_progress)
+        summary = train(cfg, tcfg, progress=not args.no_progress, init=init)
     except TrainingDiverged as e:
         print(f"deepseek-jax train: {e}", file=sys.stderr)
         return 3
@@ -288,6 +298,71 @@ def _post_parsers(sub) -> None:
     sp.set_defaults(fn=_sample)
 
 
+def _eval_parsers(sub) -> None:
+    """``eval niah`` and ``eval ppl`` (long-context.md §5)."""
+    ev = sub.add_parser("eval", help="long-context evaluation: needle in a haystack, perplexity by position")
+    kinds = ev.add_subparsers(dest="eval_kind", required=True)
+    for name, what in (("niah", "needle-in-a-haystack grid -> niah.json, niah.png"),
+                       ("ppl", "perplexity by position on held-out documents -> ppl.json")):
+        e = kinds.add_parser(name, help=what)
+        e.add_argument("--checkpoint", required=True, help="a run folder or Hugging Face checkpoint")
+        e.add_argument("--lengths", required=True, help="comma-separated context lengths, e.g. 128,256,512,1024")
+        e.add_argument("--yarn-factor", type=float, help="evaluate with YaRN of this factor s (with --yarn-original)")
+        e.add_argument("--yarn-original", type=int, help="YaRN's original context (the training length)")
+        e.add_argument("--batch", type=_positive, default=16, help="sequences per forward")
+        e.add_argument("--out", required=True, help="the folder to write into")
+        e.add_argument("--no-progress", action="store_true")
+        if name == "niah":
+            e.add_argument("--task", default="kv", help="passkey | kv | multikey | multivalue | multiquery")
+            e.add_argument("--depths", default="0:100:11", help="start:stop:count or a comma list, in percent")
+            e.add_argument("--samples", type=_positive, default=50, help="needles per cell")
+            e.add_argument("--seed", type=int, default=0)
+            e.add_argument("--scoring", default="argmax", help="argmax (one teacher-forced forward) or generate "
+                           "(greedy through the KV cache)")
+            e.add_argument("--no-plot", action="store_true", help="skip niah.png")
+        else:
+            e.add_argument("--data", action="append", default=[], help="held-out text (files, folders, globs, "
+                           ".jsonl; repeatable); default: the run's validation documents")
+            e.add_argument("--max-rows", type=_positive, default=64, help="documents per length")
+            e.add_argument("--bins", type=_positive, default=8, help="position bins")
+        e.set_defaults(fn=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    cfg, variables, tok = load_run(args.checkpoint, log=_log)
+    if (args.yarn_factor is None) != (args.yarn_original is None):
+        raise ValueError("give --yarn-factor and --yarn-original together")
+    if args.yarn_factor is not None:
+        cfg = with_yarn(cfg, args.yarn_factor, args.yarn_original)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    run_cfg = RunDir(args.checkpoint).config
+    tcfg = load_run_config(str(run_cfg))[1] if run_cfg.exists() else None
+    out = Path(args.out)
+    if args.eval_kind == "niah":
+        niah = tcfg.data.niah if tcfg is not None else NIAHConfig()
+        res = niah_eval(cfg, variables, task=args.task, lengths=lengths, depths=parse_depths(args.depths),
+                        samples=args.samples, seed=args.seed, scoring=args.scoring, batch=args.batch,
+                        filler_words=niah.filler_words, train_length=tcfg.seq_len if tcfg else None,
+                        progress=not args.no_progress)
+        paths = write_niah(res, out, plot=not args.no_plot)
+        _log(f"exact match by length {res['by_length']} ({res['seconds']} s); wrote {', '.join(map(str, paths))}")
+        return 0
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json to encode the held-out text with")
+    data = DataConfig(sources=tuple(args.data)) if args.data else (tcfg.data if tcfg else DataConfig())
+    if data.kind != "text":
+        raise ValueError("eval ppl needs text: give --data (the run trained on synthetic data)")
+    docs = read_documents(data.sources, data.text_field, data.max_document_chars)
+    held = docs if args.data else split_documents(docs, data.val_fraction, tcfg.seed if tcfg else 0)[1]
+    ids = [e.ids for e in tok.encode_batch(held)]
+    res = {str(L): perplexity_by_position(cfg, variables, document_windows(ids, L, args.max_rows), args.bins,
+                                          args.batch) for L in lengths}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ppl.json").write_text(json.dumps(res, indent=1) + "\n")
+    _log(f"mean NLL by length { {k: round(v['nll'], 4) for k, v in res.items()} }; wrote {out / 'ppl.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek models in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,10 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--coordinator", help="multi-process: host:port of process 0 (jax.distributed)")
     t.add_argument("--num-processes", type=int, default=1)
     t.add_argument("--process-id", type=int, default=0)
+    t.add_argument("--init", help="start from this run folder's newest checkpoint (or a Hugging Face checkpoint): "
+                   "e.g. a context extension, the same weights under a YaRN rope (fresh optimiser, step 0)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16 moe.n_routed_experts=8")
     t.set_defaults(fn=_train)
 
     _post_parsers(sub)
+    _eval_parsers(sub)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt (KV cache, absorbed MLA)")
     g.add_argument("--checkpoint", required=True,

@@ -39,10 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from deepseek_jax.train import synthetic
 from deepseek_jax.train.corpus import chunk_text, default_corpus, read_documents
+from deepseek_jax.train.synthetic import NIAHConfig
 
 __all__ = ["DataConfig", "default_corpus", "read_documents", "deduplicate", "split_documents", "train_tokenizer",
-           "load_tokenizer", "chunk_text", "encode_documents", "pack_documents", "Batches", "unigram_entropy", "prepare_data", "PreparedData", "EOS"]
+           "load_tokenizer", "chunk_text", "encode_documents", "pack_documents", "Batches", "unigram_entropy", "prepare_data", "synthetic_data", "PreparedData", "EOS"]
 
 EOS = "<|endoftext|>"
 
@@ -52,6 +54,8 @@ class DataConfig:
     """Where the text comes from and how it is cleaned and tokenised.
 
     Attributes:
+      kind: ``text`` (the sources below) or ``synthetic_niah`` (needle-in-a-haystack retrieval generated from
+        the seed, :mod:`deepseek_jax.train.synthetic`, set by ``niah``; loss on the answer tokens only).
       sources: files, folders (searched recursively for text files), globs or ``.jsonl`` files
         (one document per record, in ``text_field``). Empty: the default corpus (Python's stdlib).
       val_fraction: share of documents held out for validation (at least one document).
@@ -66,6 +70,8 @@ class DataConfig:
         (evenly spaced documents; all of it when smaller).
     """
 
+    kind: str = "text"
+    niah: NIAHConfig = field(default_factory=NIAHConfig)
     sources: tuple[str, ...] = ()
     text_field: str = "text"
     val_fraction: float = 0.05
@@ -77,6 +83,8 @@ class DataConfig:
     tokenizer_sample_chars: int = 16_000_000
 
     def __post_init__(self):
+        if self.kind not in ("text", "synthetic_niah"):
+            raise ValueError(f"train.data.kind={self.kind!r} must be 'text' or 'synthetic_niah'")
         object.__setattr__(self, "sources", tuple(self.sources or ()))
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in (0, 1)")
@@ -354,7 +362,10 @@ class PreparedData:
 
 
 def prepare_data(cfg: DataConfig, vocab_size: int, seq_len: int, seed: int = 0) -> PreparedData:
-    """Read, deduplicate, split, tokenise and pack (see the module docstring). Fails fast on bad input."""
+    """Read, deduplicate, split, tokenise and pack (see the module docstring). Fails fast on bad input.
+    ``kind: synthetic_niah`` generates the rows instead (:func:`synthetic_data`)."""
+    if cfg.kind == "synthetic_niah":
+        return synthetic_data(cfg.niah, vocab_size, seq_len, seed)
     read: dict[str, int] = {}
     docs = read_documents(cfg.sources, cfg.text_field, cfg.max_document_chars, read)
     if cfg.max_documents:
@@ -381,3 +392,19 @@ def prepare_data(cfg: DataConfig, vocab_size: int, seq_len: int, seed: int = 0) 
     train = pack_documents(train_ids, seq_len, eos, consume=True)
     val = pack_documents(val_ids, seq_len, eos, consume=True)
     return PreparedData(train=train, val=val, tokenizer=tok, eos_id=eos, stats=stats)
+
+
+def synthetic_data(cfg: NIAHConfig, vocab_size: int, seq_len: int, seed: int = 0) -> PreparedData:
+    """Needle-in-a-haystack rows (:func:`deepseek_jax.train.synthetic.niah_rows`) with the task's word-level
+    tokenizer; training and validation rows come from disjoint seed streams."""
+    tok = synthetic.tokenizer(cfg.filler_words)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"the synthetic_niah vocabulary has {tok.get_vocab_size()} words but the model's vocab_size "
+                         f"is {vocab_size}: raise vocab_size or lower train.data.niah.filler_words")
+    train = synthetic.niah_rows(cfg, cfg.train_samples, seq_len, [seed, 0])
+    val = synthetic.niah_rows(cfg, cfg.val_samples, seq_len, [seed, 1])
+    stats = {"documents": cfg.train_samples + cfg.val_samples, "exact_duplicates": 0, "near_duplicates": 0,
+             "train_documents": cfg.train_samples, "val_documents": cfg.val_samples,
+             "train_tokens": int((train["segment_ids"] > 0).sum()), "val_tokens": int((val["segment_ids"] > 0).sum()),
+             "unigram_entropy": float("nan"), "answer_tokens": int(train["loss_mask"].sum())}
+    return PreparedData(train=train, val=val, tokenizer=tok, eos_id=synthetic.EOS, stats=stats)
