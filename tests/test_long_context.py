@@ -111,8 +111,8 @@ def test_the_grid_is_deterministic_and_argmax_equals_generate(small, tmp_path):
     assert body["settings"]["checkpoint_sha256"] == lc.variables_hash(v)
     # the latent cache: (kv_lora_rank + qk_rope_head_dim) floats per token and layer, at every length
     want = (cfg.attention.kv_lora_rank + cfg.attention.qk_rope_head_dim) * 4 * cfg.n_layers
-    assert body["cache"]["formula_bytes_per_token"] == want
-    assert body["cache"]["measured_bytes_per_token"] == {"48": want, "96": want}
+    assert body["kv_cache"]["formula_bytes_per_token"] == want
+    assert body["kv_cache"]["measured_bytes_per_token"] == {"48": want, "96": want}
 
 
 def test_teacher_forced_scoring_reads_the_answer_positions():

@@ -157,7 +157,7 @@ def niah_eval(cfg: ModelConfig, variables: dict, *, task: str = "kv", lengths: S
               scoring: str = "argmax", batch: int = 16, filler_words: int = 64, train_length: int | None = None,
               progress: bool = False) -> dict[str, Any]:
     """The grid's scores: ``{"settings", "cells": [{length, depth, n, exact, partial, exact_lo, exact_hi}],
-    "by_length": {length: mean exact}, "cache", "seconds"}`` (see the module docstring)."""
+    "by_length": {length: mean exact}, "kv_cache", "seconds"}`` (see the module docstring)."""
     if task not in TASKS:
         raise ValueError(f"--task {task!r} must be one of {TASKS}")
     if scoring not in ("argmax", "generate"):
@@ -190,7 +190,7 @@ def niah_eval(cfg: ModelConfig, variables: dict, *, task: str = "kv", lengths: S
                 "train_length": train_length, "rope_theta": rope.theta,
                 "yarn": dataclasses.asdict(rope.yarn) if rope.yarn else None, "attention": cfg.attention.kind,
                 "max_position_embeddings": cfg.max_position_embeddings, "checkpoint_sha256": variables_hash(variables)}
-    return {"settings": settings, "cells": cells, "by_length": by_length, "cache": _cache_report(cfg, lengths),
+    return {"settings": settings, "cells": cells, "by_length": by_length, "kv_cache": _cache_report(cfg, lengths),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
