@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-EXECUTED_ELSEWHERE = {"07_r1_pipeline", "08_long_context"}  # by test_r1_pipeline.py, test_niah_capability.py
+EXECUTED_ELSEWHERE = {"07_r1_pipeline"}  # by tests/test_r1_pipeline.py
 NOTEBOOKS = sorted(p for p in (Path(__file__).parent.parent / "notebooks").glob("[0-9]*.py")
                    if p.stem not in EXECUTED_ELSEWHERE)
 
