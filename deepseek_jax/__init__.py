@@ -4,7 +4,7 @@ The public face (see the README and ``API.md``), imported lazily: ``import deeps
 heavy, and ``dsj.X`` imports X's home module on first use (so importing a leaf never imports training).
 
 Layout, bottom up (imports point down only): ``config``/``config_io``, ``kernels/``, ``parallel/`` ->
-``nn/`` -> ``infer/``, ``analysis/``, ``hf/`` -> ``train/`` -> ``post_train/`` -> ``cli``.
+``nn/`` -> ``infer/``, ``analysis/``, ``hf/`` -> ``train/`` -> ``post_train/``, ``eval/`` -> ``cli``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "analysis": ("deepseek_jax.analysis", None),
     "pipeline": ("deepseek_jax.parallel.pipeline", None),
     "post_train": ("deepseek_jax.post_train", None),
+    "eval": ("deepseek_jax.eval", None),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
