@@ -33,11 +33,11 @@ from deepseek_jax.post_train.sft import run_sft
 from deepseek_jax.train.config import load_run_config
 from deepseek_jax.train.corpus import read_documents
 from deepseek_jax.train.data import DataConfig, eos_id, split_documents
-from deepseek_jax.train.synthetic import NIAHConfig
-from deepseek_jax.train.loop import TrainingDiverged, train
 from deepseek_jax.train.lock import RunLocked
+from deepseek_jax.train.loop import TrainingDiverged, train
 from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, RunDir, load_run
 from deepseek_jax.train.step import step_layout_report
+from deepseek_jax.train.synthetic import NIAHConfig
 
 __all__ = ["main"]
 

@@ -177,6 +177,18 @@ def test_context_extension_starts_from_the_run_folder_under_a_yarn_rope(tmp_path
     gap = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
               for a, b in zip(jax.tree.leaves(base[tree.PARAMS]), jax.tree.leaves(ext[tree.PARAMS])))
     assert gap < 1e-5
+    # the evaluation commands on the extended run
+    assert main(["eval", "niah", "--checkpoint", str(tmp_path / "ext"), "--lengths", "48,96", "--depths", "0,100",
+                 "--samples", "2", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    body = json.loads((tmp_path / "ev" / "niah.json").read_text())
+    assert [(c["length"], c["depth"]) for c in body["cells"]] == [(48, 0.0), (48, 100.0), (96, 0.0), (96, 100.0)]
+    assert body["settings"]["yarn"]["factor"] == 4.0 and body["settings"]["train_length"] == 512
+    assert (tmp_path / "ev" / "niah.png").exists()
+    (tmp_path / "held.txt").write_text(" ".join(f"w{i % 60}" for i in range(400)))
+    assert main(["eval", "ppl", "--checkpoint", str(tmp_path / "ext"), "--lengths", "64,128", "--data",
+                 str(tmp_path / "held.txt"), "--bins", "2", "--out", str(tmp_path / "ppl"), "--no-progress"]) == 0
+    ppl = json.loads((tmp_path / "ppl" / "ppl.json").read_text())
+    assert set(ppl) == {"64", "128"} and len(ppl["128"]["bins"]) == 2 and np.isfinite(ppl["128"]["nll"])
     capsys.readouterr()
     assert main(["train", "--config", "configs/niah-tiny.yaml", "--init", str(tmp_path / "base"), "--out",
                  str(tmp_path / "bad"), "--steps", "1", "--no-progress", *small, "n_layers=2",

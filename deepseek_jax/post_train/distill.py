@@ -231,10 +231,13 @@ class OnPolicyRun(GRPORun):
     def _wants_ref(self) -> bool:
         return False
 
-    def _complete(self, cfg, variables, rows: list[dict], seed: int, mesh=None) -> Rollout:
+    def _complete(self, cfg, variables, rows: list[dict], seed: int, mesh=None, temperature: float | None = None
+                  ) -> Rollout:
+        """One completion per row (up to ``grpo.max_completion_tokens``), at ``distill.sample_temperature``
+        unless ``temperature`` is given."""
+        t = self.pcfg.distill.sample_temperature if temperature is None else temperature
         return rollout(cfg, variables, encode_prompts(self.tokenizer, rows), 1, self.tcfg.seq_len,
-                       self.g.max_completion_tokens, temperature=self.pcfg.distill.sample_temperature, seed=seed,
-                       eos_id=self.eos, mesh=mesh)
+                       self.g.max_completion_tokens, temperature=t, seed=seed, eos_id=self.eos, mesh=mesh)
 
     def step(self, step: int, state) -> tuple[Any, dict]:
         d, t, seed = self.pcfg.distill, self.pcfg.task, self.tcfg.seed
@@ -262,7 +265,7 @@ class OnPolicyRun(GRPORun):
         rows = heldout_prompts(self.pcfg)
         if rows:
             ro = self._complete(self.cfg, jax.device_get(self._variables(state)),
-                                rows[:self.pcfg.eval.pass_prompts], self.tcfg.seed)
+                                rows[:self.pcfg.eval.pass_prompts], self.tcfg.seed, temperature=1.0)
             b = ro.batch()
             fn = _reverse_kl(self.cfg, self.t_cfg)
             student = {k: x for k, x in self._variables(state).items() if k in tree.MODEL_COLLECTIONS}

@@ -82,6 +82,11 @@ def run_grpo(cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, init: dict |
 
 
 class GRPORun:
+    """One GRPO run in an open run folder: :meth:`run` starts (or resumes) and loops :meth:`step` with
+    evaluation every ``eval.every`` steps and checkpoints. A subclass changes the update's shape, objective,
+    reference model, step and evaluation record through the methods below (:class:`~deepseek_jax.post_train.
+    distill.OnPolicyRun` does)."""
+
     def __init__(self, run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, tokenizer, progress: bool,
                  on_step):
         self.dir, self.cfg, self.tcfg, self.pcfg, self.g = run, cfg, tcfg, pcfg, pcfg.grpo
