@@ -313,7 +313,8 @@ def _eval_parsers(sub) -> None:
         e.add_argument("--out", required=True, help="the folder to write into")
         e.add_argument("--no-progress", action="store_true")
         if name == "niah":
-            e.add_argument("--task", default="kv", help="passkey | kv | multikey | multivalue | multiquery")
+            e.add_argument("--task", help="passkey | kv | multikey | multivalue | multiquery (default: the run's "
+                           "train.data.niah.task, else kv)")
             e.add_argument("--depths", default="0:100:11", help="start:stop:count or a comma list, in percent")
             e.add_argument("--samples", type=_positive, default=50, help="needles per cell")
             e.add_argument("--seed", type=int, default=0)
@@ -340,7 +341,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.eval_kind == "niah":
         niah = tcfg.data.niah if tcfg is not None else NIAHConfig()
-        res = niah_eval(cfg, variables, task=args.task, lengths=lengths, depths=parse_depths(args.depths),
+        res = niah_eval(cfg, variables, task=args.task or niah.task, lengths=lengths, depths=parse_depths(args.depths),
                         samples=args.samples, seed=args.seed, scoring=args.scoring, batch=args.batch,
                         filler_words=niah.filler_words, train_length=tcfg.seq_len if tcfg else None,
                         progress=not args.no_progress)

@@ -33,7 +33,7 @@ def test_samples_have_the_exact_length_and_the_needle_at_the_depth(task):
             assert [n for _, n in s.groups] == TASK_ANSWERS[task]
             answer = t[s.answer_start:s.answer_start + s.answer_len]
             if task in ("kv", "multikey", "multiquery"):  # the answer is the value of the first queried key
-                k = t[s.answer_start - 3:s.answer_start - 1] if task != "multiquery" else t[query_start + 1:query_start + 3]
+                k = t[query_start + 1:query_start + 3]  # the (first) queried key
                 at = [i for i in range(1, query_start) if t[i] == S.KEY and list(t[i + 1:i + 3]) == list(k)]
                 assert len(at) == 1 and list(t[at[0] + 4:at[0] + 7]) == list(answer[:3])
             if task == "passkey":
@@ -44,7 +44,7 @@ def test_samples_have_the_exact_length_and_the_needle_at_the_depth(task):
 
 
 def test_training_rows_mask_the_answer_only_and_repeat_for_a_seed():
-    _, tcfg = load_run_config("configs/niah-tiny.yaml", ["train.data.niah.train_samples=64",
+    _, tcfg = load_run_config("configs/niah-tiny.yaml", ["train.data.niah.task=kv", "train.data.niah.train_samples=64",
                                                          "train.data.niah.val_samples=8"])
     a = prepare_data(tcfg.data, 96, 256, seed=0)
     b = prepare_data(tcfg.data, 96, 256, seed=0)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-__all__ = ["TASKS", "NIAHConfig", "vocabulary", "tokenizer", "NeedleSample", "make_sample", "min_length", "needle_index",
-           "niah_rows"]
+__all__ = ["TASKS", "NIAHConfig", "vocabulary", "tokenizer", "NeedleSample", "make_sample", "min_length",
+           "needle_index", "niah_rows"]
 
 TASKS = ("passkey", "kv", "multikey", "multivalue", "multiquery")
 SPECIALS = ("<pad>", "<|endoftext|>", "<bos>", "KEY", "VAL", "PASS", "Q")
