@@ -28,6 +28,30 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# A one-layer MLA model on a 32-entry vocabulary (the addition task's characters fit): the post-training tests'
+# model section, to which a test appends its own train:/grpo:/eval: sections.
+TINY_CHAR_MODEL = """
+vocab_size: 32
+d_model: 32
+n_layers: 1
+intermediate_size: 64
+max_position_embeddings: 64
+attention: {kind: mla, n_heads: 2, q_lora_rank: 16, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8,
+            v_head_dim: 8}
+"""
+
+
+@pytest.fixture
+def tiny_char_model(tmp_path):
+    """``write(extra_yaml="") -> path``: the tiny character-vocabulary model (plus ``extra_yaml``) as a preset."""
+
+    def write(extra: str = "", name: str = "model.yaml"):
+        path = tmp_path / name
+        path.write_text(TINY_CHAR_MODEL + extra)
+        return path
+
+    return write
+
 
 @pytest.fixture(scope="session")
 def tiny_cfg():

@@ -17,15 +17,7 @@ from deepseek_jax.post_train.sft import run_sft
 from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.train.run_dir import load_run
 
-MODEL = """
-vocab_size: 32
-d_model: 32
-n_layers: 1
-intermediate_size: 64
-max_position_embeddings: 64
-attention: {kind: mla, n_heads: 2, q_lora_rank: 16, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8,
-            v_head_dim: 8}
-train: {batch_size: 8, seq_len: 32, checkpoint_every: 100, eval_every: 100, sample_tokens: 0,
+RUN = """train: {batch_size: 8, seq_len: 32, checkpoint_every: 100, eval_every: 100, sample_tokens: 0,
         optim: {lr: 3.0e-3, schedule: constant, warmup_steps: 0}}
 grpo: {prompts_per_step: 4, num_generations: 4, max_completion_tokens: 6}
 eval: {every: 2, samples: 4, pass_k: [1, 2, 4], pass_prompts: 6}
@@ -53,8 +45,8 @@ def _write(path, rows):
     return str(path)
 
 
-def _setup(tmp_path):
-    (tmp_path / "model.yaml").write_text(MODEL)
+def _setup(tmp_path, tiny_char_model):
+    tiny_char_model(RUN)
     (tmp_path / "rewards.py").write_text(REWARD)
     rows = addition.prompt_rows(40, seed=3, digits=1)
     train = _write(tmp_path / "train.jsonl", [{"question": r["prompt"], "answer": r["answer"]} for r in rows[:30]])
@@ -62,8 +54,8 @@ def _setup(tmp_path):
     return train, held, [r for r in rows[30:]]
 
 
-def test_grpo_on_a_prompt_file_with_a_file_reward_and_its_evaluation_recomputed(tmp_path):
-    train, held, held_rows = _setup(tmp_path)
+def test_grpo_on_a_prompt_file_with_a_file_reward_and_its_evaluation_recomputed(tmp_path, tiny_char_model):
+    train, held, held_rows = _setup(tmp_path, tiny_char_model)
     over = [f"train.out={tmp_path / 'grpo'}", "train.steps=2", f"task.prompts={train}", "task.prompt_field=question",
             f"eval.prompts={held}", f"reward=[{{fn: '{tmp_path / 'rewards.py'}:starts_right'}}]"]
     cfg, tcfg, pcfg = load_post_config(tmp_path / "model.yaml", over, stage="grpo")
@@ -104,10 +96,10 @@ def test_grpo_on_a_prompt_file_with_a_file_reward_and_its_evaluation_recomputed(
     assert train_prompts and "em_hard" not in ev  # no hard column in these prompts
 
 
-def test_on_policy_distillation_lowers_the_held_out_reverse_kl(tmp_path):
+def test_on_policy_distillation_lowers_the_held_out_reverse_kl(tmp_path, tiny_char_model):
     """GKD with beta = 1 (reverse KL) and lmbda = 1 (student samples only): a teacher briefly SFT'd on 1-digit
     addition, a student from scratch; the held-out KL(q_S || p_T) on the student's own samples falls."""
-    train, held, _ = _setup(tmp_path)
+    train, held, _ = _setup(tmp_path, tiny_char_model)
     cfg, tcfg, pcfg = load_post_config(tmp_path / "model.yaml", [f"train.out={tmp_path / 'teacher'}", "train.steps=40",
                                                                  "task.name=addition", "task.digits=1",
                                                                  "task.sft_examples=400"], stage="sft")

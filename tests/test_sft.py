@@ -14,16 +14,6 @@ from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.train.objectives import Pretrain
 from deepseek_jax.train.step import hyper, objective_loss
 
-TINY_MODEL = """
-vocab_size: 32
-d_model: 32
-n_layers: 1
-intermediate_size: 64
-max_position_embeddings: 64
-attention: {kind: mla, n_heads: 2, q_lora_rank: 16, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8,
-            v_head_dim: 8}
-train: {optim: {warmup_steps: 0}}
-"""
 SAMPLES = [([5, 9, 3], [7, 1, 2, 1]), ([11, 12], [4, 4, 1]), ([8, 8, 8, 8], [2, 1]), ([6], [3, 3, 3, 1])]
 
 
@@ -104,7 +94,7 @@ def test_post_config_stage_train_sections_and_their_precedence():
         load_post_config("configs/r1-addition.yaml", ["grpo.num_generations=1"])
 
 
-def test_sft_starts_from_a_hugging_face_checkpoint_with_its_tokenizer(tmp_path):
+def test_sft_starts_from_a_hugging_face_checkpoint_with_its_tokenizer(tmp_path, tiny_char_model):
     """``deepseek-jax sft --init <HF folder>``: the run starts from the checkpoint's weights (one step at a tiny
     learning rate ends next to them, far from the from-scratch initialisation) and encodes ``sft.data`` with the
     folder's ``tokenizer.json``."""
@@ -113,15 +103,15 @@ def test_sft_starts_from_a_hugging_face_checkpoint_with_its_tokenizer(tmp_path):
     from deepseek_jax.post_train.config import load_post_config
     from deepseek_jax.train.run_dir import load_run
 
-    (tmp_path / "m.yaml").write_text(TINY_MODEL)
-    cfg, _, _ = load_post_config(tmp_path / "m.yaml", [], stage="sft")
+    preset = tiny_char_model("train: {optim: {warmup_steps: 0}}\n")
+    cfg, _, _ = load_post_config(preset, [], stage="sft")
     hf_vars = dsj.init_variables(cfg, 5)
     save_checkpoint(cfg, hf_vars, tmp_path / "hf")
     addition.tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
     rows = addition.sft_rows(64, seed=0)
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    assert main(["sft", "--config", str(tmp_path / "m.yaml"), "--init", str(tmp_path / "hf"), "--out", str(out),
+    assert main(["sft", "--config", str(preset), "--init", str(tmp_path / "hf"), "--out", str(out),
                  "--no-progress", f"sft.data={tmp_path / 'd.jsonl'}", "train.steps=1", "train.batch_size=8",
                  "train.seq_len=32",
                  "train.optim.lr=1e-9", "train.optim.warmup_steps=0", "train.optim.schedule=constant",

@@ -75,7 +75,7 @@ def variables_hash(variables: dict) -> str:
     """SHA-256 of the model's arrays (collection and path order fixed): which weights were evaluated."""
     h = hashlib.sha256()
     for path, x in sorted(jax.tree_util.tree_flatten_with_path(
-            {k: v for k, v in variables.items() if k in tree.MODEL_COLLECTIONS})[0], key=lambda pv: str(pv[0])):
+            tree.model_variables(variables))[0], key=lambda pv: str(pv[0])):
         a = np.asarray(x)
         h.update(str(path).encode() + str(a.dtype).encode() + a.tobytes())
     return h.hexdigest()
@@ -122,7 +122,7 @@ def score_argmax(cfg: ModelConfig, variables: dict, samples: Sequence[NeedleSamp
                  ) -> tuple[np.ndarray, np.ndarray]:
     """``(exact [N], partial [N])`` of teacher-forced argmax scoring (samples of one length)."""
     fwd = _forward(cfg)
-    v = {k: x for k, x in variables.items() if k in tree.MODEL_COLLECTIONS}
+    v = tree.model_variables(variables)
     rows = np.stack([s.tokens for s in samples])
     preds = []
     for chunk, n in _batches(rows, batch):
@@ -249,7 +249,7 @@ def perplexity_by_position(cfg: ModelConfig, variables: dict, rows: np.ndarray, 
     """Mean next-token NLL and perplexity per position bin over ``rows [N, L]`` (whole windows of held-out
     text): ``{"length", "bins": [{"start", "end", "nll", "ppl"}], "nll"}``."""
     fwd = _forward(cfg)
-    v = {k: x for k, x in variables.items() if k in tree.MODEL_COLLECTIONS}
+    v = tree.model_variables(variables)
     n, L = rows.shape
     total = np.zeros(L - 1)
     for chunk, m in _batches(rows, batch):

@@ -170,7 +170,7 @@ def teacher_logp_rows(cfg: ModelConfig, variables: dict, rows: dict[str, np.ndar
                       top_k: int = 0, batch: int = 64) -> np.ndarray:
     """``[N, T, V]`` float32 teacher log-probs at ``temperature`` for packed ``rows`` (a jitted forward per
     ``batch`` rows, the MTP modules skipped)."""
-    v = {k: x for k, x in variables.items() if k in tree.MODEL_COLLECTIONS}
+    v = tree.model_variables(variables)
     fwd = _teacher_forward(cfg, temperature, top_k)
     n = len(rows["tokens"])
     parts = []
@@ -218,7 +218,7 @@ class OnPolicyRun(GRPORun):
     def __init__(self, run: RunDir, cfg: ModelConfig, tcfg: TrainConfig, pcfg: PostConfig, tokenizer, teacher: tuple,
                  progress: bool, on_step):
         self.t_cfg, t_vars = teacher
-        self.t_vars = {k: x for k, x in t_vars.items() if k in tree.MODEL_COLLECTIONS}
+        self.t_vars = tree.model_variables(t_vars)
         super().__init__(run, cfg, tcfg, pcfg, tokenizer, progress, on_step)
 
     def _update_shape(self) -> tuple[int, int, int]:
@@ -264,13 +264,12 @@ class OnPolicyRun(GRPORun):
         rec = super()._eval_record(step, state) or {"step": step, "kind": "eval"}
         rows = heldout_prompts(self.pcfg)
         if rows:
-            ro = self._complete(self.cfg, jax.device_get(self._variables(state)),
-                                rows[:self.pcfg.eval.pass_prompts], self.tcfg.seed, temperature=1.0)
+            student = tree.model_variables(jax.device_get(self._variables(state)))
+            ro = self._complete(self.cfg, student, rows[:self.pcfg.eval.pass_prompts], self.tcfg.seed, temperature=1.0)
             b = ro.batch()
-            fn = _reverse_kl(self.cfg, self.t_cfg)
-            student = {k: x for k, x in self._variables(state).items() if k in tree.MODEL_COLLECTIONS}
-            rec["reverse_kl"] = float(fn(jax.device_get(student), self.t_vars, b["tokens"], b["segment_ids"],
-                                         b["positions"], b["loss_mask"]))
+            rec["reverse_kl"] = float(_reverse_kl(self.cfg, self.t_cfg)(student, self.t_vars, b["tokens"],
+                                                                          b["segment_ids"], b["positions"],
+                                                                          b["loss_mask"]))
         return rec
 
 
