@@ -146,13 +146,13 @@ stage("rs", run_sft, cfg, tcfg, pcfg, init=sft_vars, tokenizer=sft_tok)
 # ## 5 · Distillation into a smaller student
 # A 0.42M-parameter student (`configs/r1-addition-student.yaml`, same vocabulary) trained from scratch on the
 # GRPO model's greedy answers to 20000 prompts, with the teacher's whole distribution at every completion
-# position (`logit`: alpha tau^2 KL(p_T^tau || q_S^tau) + (1 - alpha) CE, tau = 2, alpha = 0.5). Here 300
+# position (`logit`: alpha tau^2 KL(p_T^tau || q_S^tau) + (1 - alpha) CE, tau = 2, alpha = 0.5). Here 150
 # steps, to keep the notebook short: the distillation term falls fast, but exact match needs the student to
 # "get" carries, which it has not done in 1200 steps either (the preset's budget; see the README's limits).
 
 # %%
-cfg, tcfg, pcfg = config(STUDENT, "distill", "student", "train.steps=300", "train.checkpoint_every=300",
-                         "train.eval_every=300")
+cfg, tcfg, pcfg = config(STUDENT, "distill", "student", "train.steps=150", "train.checkpoint_every=150",
+                         "train.eval_every=150")
 stage("student", run_distill, cfg, tcfg, pcfg, str(OUT / "grpo"))
 
 # %% [markdown]

@@ -58,11 +58,9 @@ MESHES = {"dp-tp": {"stage": 2, "data": 2, "tensor": 2}, "ep": {"stage": 4, "exp
 SIZES = {("1f1b", 2): (4, 2), ("zb_h1", 2): (4, 2), ("dualpipev", 2): (4, 4), ("dualpipe", 2): (4, 2),
          ("1f1b", 4): (4, 4), ("zb_h1", 4): (4, 4), ("dualpipev", 4): (8, 8), ("dualpipe", 4): (8, 4),
          ("1f1b", 8): (8, 8), ("zb_h1", 8): (8, 8), ("dualpipev", 8): (16, 16), ("dualpipe", 8): (16, 8)}
-# every schedule on the tensor-parallel mesh, and each of them again beside expert parallelism (and FSDP) or on
-# eight stages; the toy model in test_pipeline_executor.py covers every (schedule, mesh) pair
-CASES = [("1f1b", "dp-tp"), ("zb_h1", "dp-tp"), ("dualpipev", "dp-tp"), ("dualpipe", "dp-tp"),
-         ("1f1b", "ep"), ("dualpipev", "ep"), ("zb_h1", "fsdp-ep"), ("dualpipe", "fsdp-ep"),
-         ("zb_h1", "pp8"), ("dualpipev", "pp8")]
+# every schedule once and every mesh once (DeepSeek's DualPipeV twice), on the MoE model: each case compiles
+# for about a minute, so the other (schedule, mesh) pairs run on the toy model of test_pipeline_executor.py
+CASES = [("1f1b", "dp-tp"), ("dualpipe", "dp-tp"), ("dualpipev", "ep"), ("zb_h1", "fsdp-ep"), ("dualpipev", "pp8")]
 
 
 def _check(name, axes, micro, layers, split=None):
