@@ -45,7 +45,8 @@ def test_samples_have_the_exact_length_and_the_needle_at_the_depth(task):
 
 def test_training_rows_mask_the_answer_only_and_repeat_for_a_seed():
     _, tcfg = load_run_config("configs/niah-tiny.yaml", ["train.data.niah.task=kv", "train.data.niah.train_samples=64",
-                                                         "train.data.niah.val_samples=8"])
+                                                         "train.data.niah.val_samples=8", "train.data.niah.pack=false",
+                                                         "train.data.niah.min_length=32"])
     a = prepare_data(tcfg.data, 96, 256, seed=0)
     b = prepare_data(tcfg.data, 96, 256, seed=0)
     for k in a.train:
@@ -61,6 +62,25 @@ def test_training_rows_mask_the_answer_only_and_repeat_for_a_seed():
     assert a.tokenizer.id_to_token(int(t[0, 0])) == "<bos>" and a.tokenizer.id_to_token(S.DIGIT0 + 10) == "w0"
     with pytest.raises(ValueError, match="vocab_size"):
         prepare_data(tcfg.data, 64, 256)
+
+
+def test_packed_rows_hold_the_same_samples_back_to_back():
+    """``pack: true`` puts consecutive samples into a row while they fit: read segment by segment, the rows hold
+    exactly the samples of the unpacked rows, in order, each with its own positions and answer mask."""
+    cfg = S.NIAHConfig(task="kv", min_length=24)
+    plain = S.niah_rows(cfg, 200, 96, seed=3)
+    packed = S.niah_rows(S.NIAHConfig(task="kv", min_length=24, pack=True), 60, 96, seed=3)
+    segs = packed["segment_ids"]
+    assert segs.max() >= 2 and (segs > 0).sum() > 1.1 * 60 * (24 + 96) / 2  # denser than one sample per row
+    k = 0
+    for i in range(60):
+        for s in range(1, segs[i].max() + 1):
+            at = segs[i] == s
+            n = int(plain["segment_ids"][k].sum())
+            for key in ("tokens", "positions", "loss_mask"):
+                np.testing.assert_array_equal(packed[key][i, at], plain[key][k, :n], err_msg=key)
+            k += 1
+        assert (packed["loss_mask"][i, segs[i] == 0] == 0).all()
 
 
 def test_scorers_count_exact_and_value_groups():
@@ -136,7 +156,7 @@ def test_yarn_override_and_lengths_beyond_the_model_are_refused(small):
     assert y.max_position_embeddings == 1024 and cfg.rope.yarn is None
 
 
-def test_perplexity_by_position_equals_a_numpy_reference(small):
+def test_perplexity_by_position_and_the_answer_nll_equal_a_numpy_reference(small):
     cfg, v = small
     rng = np.random.default_rng(0)
     rows = rng.integers(3, 90, (5, 40)).astype(np.int32)
@@ -153,6 +173,17 @@ def test_perplexity_by_position_equals_a_numpy_reference(small):
         assert b["nll"] == pytest.approx(nll[lo:hi].mean(), rel=1e-5)
     with pytest.raises(ValueError, match="no held-out document has 50 tokens"):
         lc.document_windows([[1] * 10], 50)
+    # the answer's NLL: the same log-probabilities at the answer positions only
+    samples = [S.make_sample("passkey", 40, d, rng) for d in (0.0, 50.0, 100.0)]
+    rows = np.stack([s.tokens for s in samples])
+    out = dsj.Transformer(cfg).apply(v, rows, positions=np.broadcast_to(np.arange(40), rows.shape),
+                                     segment_ids=np.ones_like(rows), with_mtp=False)
+    logits = np.asarray(out.logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = [-np.mean([logp[i, t - 1, s.tokens[t]] for t in range(s.answer_start, s.answer_start + 5)])
+            for i, s in enumerate(samples)]
+    np.testing.assert_allclose(lc.answer_nll(cfg, v, samples, batch=2), want, rtol=1e-5)
 
 
 def test_context_extension_starts_from_the_run_folder_under_a_yarn_rope(tmp_path, capsys):
@@ -182,7 +213,7 @@ def test_context_extension_starts_from_the_run_folder_under_a_yarn_rope(tmp_path
                  "--samples", "2", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     body = json.loads((tmp_path / "ev" / "niah.json").read_text())
     assert [(c["length"], c["depth"]) for c in body["cells"]] == [(48, 0.0), (48, 100.0), (96, 0.0), (96, 100.0)]
-    assert body["settings"]["yarn"]["factor"] == 4.0 and body["settings"]["train_length"] == 512
+    assert body["settings"]["yarn"]["factor"] == 4.0 and body["settings"]["train_length"] == 128
     assert (tmp_path / "ev" / "niah.png").exists()
     (tmp_path / "held.txt").write_text(" ".join(f"w{i % 60}" for i in range(400)))
     assert main(["eval", "ppl", "--checkpoint", str(tmp_path / "ext"), "--lengths", "64,128", "--data",

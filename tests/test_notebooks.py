@@ -1,5 +1,6 @@
-"""Every notebook (jupytext percent ``.py``) executes top to bottom on CPU. ``07_r1_pipeline`` runs in
-``test_r1_pipeline.py``, which checks its results (executing it twice would cost ~12 minutes of CI)."""
+"""Every notebook (jupytext percent ``.py``) executes top to bottom on CPU. ``07_r1_pipeline`` and
+``08_long_context`` run in ``test_r1_pipeline.py`` and ``test_niah_capability.py``, which check their results
+(executing them twice would cost ~25 minutes of CI)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-EXECUTED_ELSEWHERE = {"07_r1_pipeline"}  # by tests/test_r1_pipeline.py
+EXECUTED_ELSEWHERE = {"07_r1_pipeline", "08_long_context"}  # by test_r1_pipeline.py, test_niah_capability.py
 NOTEBOOKS = sorted(p for p in (Path(__file__).parent.parent / "notebooks").glob("[0-9]*.py")
                    if p.stem not in EXECUTED_ELSEWHERE)
 

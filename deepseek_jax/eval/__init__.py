@@ -1,5 +1,5 @@
 """Evaluation harnesses: needle-in-a-haystack and perplexity by position (:mod:`.long_context`)."""
 
-from deepseek_jax.eval.long_context import niah_eval, perplexity_by_position, plot_niah, wilson, write_niah
+from deepseek_jax.eval.long_context import answer_nll, niah_eval, perplexity_by_position, plot_niah, wilson, write_niah
 
-__all__ = ["niah_eval", "perplexity_by_position", "plot_niah", "wilson", "write_niah"]
+__all__ = ["answer_nll", "niah_eval", "perplexity_by_position", "plot_niah", "wilson", "write_niah"]

@@ -37,7 +37,8 @@ from deepseek_jax.nn.transformer import Transformer
 from deepseek_jax.train.synthetic import TASKS, NeedleSample, make_sample
 
 __all__ = ["wilson", "parse_depths", "with_yarn", "variables_hash", "grid_samples", "score_argmax",
-           "score_generate", "niah_eval", "write_niah", "plot_niah", "document_windows", "perplexity_by_position"]
+           "score_generate", "answer_nll", "niah_eval", "write_niah", "plot_niah", "document_windows",
+           "perplexity_by_position"]
 
 Z95 = 1.959963984540054
 
@@ -131,6 +132,19 @@ def score_argmax(cfg: ModelConfig, variables: dict, samples: Sequence[NeedleSamp
     # the prediction at position t is the token t + 1
     scores = [_judge(pred[i, s.answer_start - 1:], s) for i, s in enumerate(samples)]
     return np.array([e for e, _ in scores]), np.array([p for _, p in scores])
+
+
+def answer_nll(cfg: ModelConfig, variables: dict, samples: Sequence[NeedleSample], batch: int = 16) -> np.ndarray:
+    """``[N]`` mean negative log-likelihood (nats per token) of each sample's answer, teacher-forced (samples of
+    one length): the perplexity of the retrieved tokens, for models trained with the loss on the answer only,
+    whose haystack tokens carry no meaningful likelihood."""
+    fwd = _forward(cfg)
+    v = tree.model_variables(variables)
+    rows = np.stack([s.tokens for s in samples])
+    logps = [np.asarray(fwd(v, chunk)[1])[:n] for chunk, n in _batches(rows, batch)]
+    logp = np.concatenate(logps)
+    return np.array([-logp[i, np.arange(s.answer_start - 1, s.answer_start + s.answer_len - 1),
+                           s.tokens[s.answer_start:s.answer_start + s.answer_len]].mean() for i, s in enumerate(samples)])
 
 
 def score_generate(cfg: ModelConfig, variables: dict, samples: Sequence[NeedleSample], batch: int = 16

@@ -403,8 +403,9 @@ def synthetic_data(cfg: NIAHConfig, vocab_size: int, seq_len: int, seed: int = 0
                          f"is {vocab_size}: raise vocab_size or lower train.data.niah.filler_words")
     train = synthetic.niah_rows(cfg, cfg.train_samples, seq_len, [seed, 0])
     val = synthetic.niah_rows(cfg, cfg.val_samples, seq_len, [seed, 1])
-    stats = {"documents": cfg.train_samples + cfg.val_samples, "exact_duplicates": 0, "near_duplicates": 0,
-             "train_documents": cfg.train_samples, "val_documents": cfg.val_samples,
+    n_train, n_val = (int(rows["segment_ids"].max(1).sum()) for rows in (train, val))  # samples (packed or not)
+    stats = {"documents": n_train + n_val, "exact_duplicates": 0, "near_duplicates": 0,
+             "train_documents": n_train, "val_documents": n_val,
              "train_tokens": int((train["segment_ids"] > 0).sum()), "val_tokens": int((val["segment_ids"] > 0).sum()),
              "unigram_entropy": float("nan"), "answer_tokens": int(train["loss_mask"].sum())}
     return PreparedData(train=train, val=val, tokenizer=tok, eos_id=synthetic.EOS, stats=stats)

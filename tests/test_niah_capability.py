@@ -1,0 +1,64 @@
+"""Long context end to end (long-context.md §5): the notebook ``08_long_context`` trains the tiny MLA model at
+L = 64 without YaRN on synthetic pass keys, evaluates the needle grid up to 4L three ways (no YaRN, YaRN without
+training, YaRN after a short fine-tune at 2L), compares argmax with greedy-through-the-cache scoring, and trains
+the GQA model of equal parameters; its ``results.json`` is checked here against floors fixed from the calibration
+run reported in the README (section "Long context"), with margin."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "08_long_context.py"
+L = 64
+# the issue's floors; the calibration run (README, "Long context") clears them with the margins stated there
+AT_L_MEAN, AT_L_CELL = 0.95, 0.90
+EXTENDED_4L, EXTENDED_GAIN = 0.80, 0.20
+FINE_TUNED_AT_L = 0.90  # the extension keeps the short lengths (not a floor of the issue's)
+
+
+@pytest.fixture(scope="module")
+def res(tmp_path_factory):
+    import jupytext
+    from nbclient import NotebookClient
+
+    out = tmp_path_factory.mktemp("niah")
+    old = os.environ.get("NIAH_OUT")
+    os.environ["NIAH_OUT"] = str(out)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(jupytext.read(NOTEBOOK), timeout=900, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    finally:
+        os.environ.pop("NIAH_OUT") if old is None else os.environ.__setitem__("NIAH_OUT", old)
+    return json.loads((out / "results.json").read_text())
+
+
+def test_the_trained_length_is_solved(res):
+    r = res["results"]["no_yarn"]
+    assert min(v for k, v in r["by_length"].items() if int(k) <= L) >= AT_L_MEAN, r
+    assert r["min_cell_at_most_L"] >= AT_L_CELL, r
+
+
+def test_yarn_with_a_short_fine_tune_at_2l_extends_to_4l(res):
+    r = res["results"]
+    ext, base = r["yarn_ft"]["by_length"][str(4 * L)], r["no_yarn"]["by_length"][str(4 * L)]
+    assert ext >= EXTENDED_4L and ext - base >= EXTENDED_GAIN, (ext, base, r["yarn"]["by_length"])
+    assert min(v for k, v in r["yarn_ft"]["by_length"].items() if int(k) <= L) >= FINE_TUNED_AT_L, r["yarn_ft"]
+
+
+def test_argmax_and_generate_scoring_agree_on_the_trained_model(res):
+    assert res["agree"]
+    assert res["results"]["yarn_ft_generate"]["by_length"] == res["results"]["yarn_ft_argmax_check"]["by_length"]
+
+
+def test_mla_caches_fewer_bytes_than_gqa_of_equal_parameters_as_the_formula_says(res):
+    """fp32, 2 layers: MLA (64 latent + 16 RoPE key) x 4 B x 2 = 640 B per token; GQA 2 x 2 heads x 32 x 4 B x 2
+    = 1024 B per token; measured from the allocated caches at every evaluated length."""
+    mla, gqa = res["cache"]["mla"], res["cache"]["gqa"]
+    assert mla["formula_bytes_per_token"] == (64 + 16) * 4 * 2 and gqa["formula_bytes_per_token"] == 2 * 2 * 32 * 4 * 2
+    for c in (mla, gqa):
+        assert set(c["measured_bytes_per_token"].values()) == {c["formula_bytes_per_token"]}
+    assert res["results"]["gqa"]["by_length"][str(L)] >= AT_L_MEAN  # the same task, learnt as well
