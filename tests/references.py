@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["moe_dense_reference", "naive_v3_route", "e4m3_round", "fp8_quantize_reference", "naive_pack"]
+__all__ = ["moe_dense_reference", "naive_v3_route", "e4m3_round", "fp8_quantize_reference", "naive_pack",
+           "nsa_reference"]
 
 
 def moe_dense_reference(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
@@ -82,3 +83,57 @@ def naive_pack(docs, t, eos):
         pad = t - len(row_tok)
         rows.append((row_tok + [eos] * pad, row_seg + [0] * pad, row_pos + [0] * pad))
     return {k: np.array([r[i] for r in rows]) for i, k in enumerate(("tokens", "segment_ids", "positions"))}
+
+
+def _softmax_attend(q, keys, values, scale):
+    """One query ``q [D]`` over ``keys [m, D]``: ``(output [Dv], probabilities [m])``; zero without keys."""
+    if len(keys) == 0:
+        return np.zeros(values.shape[-1]), np.zeros(0)
+    s = keys @ q * scale
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    return p @ values, p
+
+
+def nsa_reference(q, k, v, kc, vc, gates, segment_ids, positions, scale, shape, return_selection=False):
+    """NSA (arXiv 2502.11089 Eq. 5-12) one query at a time in float64, from the equations: for each (b, t,
+    group), the compressed blocks ``i`` with ``i d + l - 1 <= t`` whose tokens all lie in t's document; their
+    softmax per head; the selection importance ``sum_heads sum_i p[i] |[i d, i d + l) & [j l', (j+1) l')| / d``
+    over the document's blocks up to t's; top-n by a Python sort (forced first/local blocks first, then
+    importance descending, the lower index on ties); the window ``t - w < s <= t``. Returns ``o [b, t, h,
+    Dv]`` (and the selections ``{(b, t, group): sorted block list}``)."""
+    q, k, v, kc, vc, gates = (np.asarray(a, np.float64) for a in (q, k, v, kc, vc, gates))
+    seg, pos = np.asarray(segment_ids), np.asarray(positions)
+    B, T, H, _ = q.shape
+    G = k.shape[2]
+    R = H // G
+    l, d, lp, n = shape.cmp_block, shape.cmp_stride, shape.slc_block, shape.slc_count
+    out = np.zeros((B, T, H, v.shape[-1]))
+    chosen = {}
+    for b in range(B):
+        for t in range(T):
+            doc = [s for s in range(t + 1) if seg[b, s] == seg[b, t] and seg[b, t] > 0]
+            blocks = [i for i in range(kc.shape[1])
+                      if i * d + l - 1 <= t and all(seg[b, i * d + u] == seg[b, t] for u in range(l))]
+            first, last = (t - pos[b, t]) // lp, t // lp
+            for g in range(G):
+                importance = {j: 0.0 for j in range(first, last + 1)}
+                o_cmp = []
+                for r in range(R):
+                    o, p = _softmax_attend(q[b, t, g * R + r], kc[b, blocks, g], vc[b, blocks, g], scale)
+                    o_cmp.append(o)
+                    for pi, i in zip(p, blocks):
+                        for j in importance:
+                            importance[j] += pi * max(min(i * d + l, (j + 1) * lp) - max(i * d, j * lp), 0) / d
+                forced = [j for j in importance if j < first + shape.init_blocks or j > last - shape.local_blocks]
+                rest = sorted((j for j in importance if j not in forced), key=lambda j: (-importance[j], j))
+                sel = sorted(forced + rest[:max(n - len(forced), 0)])
+                chosen[b, t, g] = sel
+                slc = [s for s in doc if s // lp in sel]
+                win = [s for s in doc if t - s < shape.window]
+                for r in range(R):
+                    h = g * R + r
+                    o_slc, _ = _softmax_attend(q[b, t, h], k[b, slc, g], v[b, slc, g], scale)
+                    o_win, _ = _softmax_attend(q[b, t, h], k[b, win, g], v[b, win, g], scale)
+                    out[b, t, h] = gates[b, t, h, 0] * o_cmp[r] + gates[b, t, h, 1] * o_slc + gates[b, t, h, 2] * o_win
+    return (out, chosen) if return_selection else out

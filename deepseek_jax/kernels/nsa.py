@@ -1,0 +1,183 @@
+"""Native Sparse Attention (NSA, arXiv 2502.11089 §3.2-3.3) as pure array functions: the dense-mask path.
+
+Three branches per query ``t``, mixed by per-head sigmoid gates ``o_t = sum_c g_t^c Attn(q_t, K^c, V^c)``:
+
+* **compression** (``cmp``): block ``i`` covers tokens ``[i d, i d + l)`` and is pooled into one key and one
+  value (:func:`compress_mean`, :func:`compress_mlp`); it is visible to ``t`` once complete,
+  ``i d + l - 1 <= t``, and only when every token of it belongs to ``t``'s document. Without a visible block
+  the branch is zero (masked with ``where`` before the softmax: no NaN in values or gradients).
+* **selection** (``slc``): block importance ``p_slc[t, j] = sum_i p_cmp[t, i] |[i d, i d + l) & [j l', (j+1) l')|
+  / d``, summed over the query heads of a KV group (one selection per group; MLA in its absorbed form is one
+  group), top ``n`` selection blocks of ``l'`` tokens, ``n`` counting the forced ``init_blocks`` first blocks
+  of the document and the ``local_blocks`` blocks ending at ``t``'s own block; ties go to the lower index.
+  Fewer candidate blocks than ``n`` leave ``-1`` sentinels, which select nothing. Tokens past ``t`` or of
+  another document are masked inside the selected blocks.
+* **window** (``win``): the last ``w`` tokens, ``t`` included.
+
+Document starts come from ``positions`` (``t - positions[t]``, as packing writes them), so the forced initial
+blocks are the document's own. This module scatters the selection into a ``[b, g, t, t]`` mask: exact, and the
+differentiable oracle for the block-gather path, but quadratic in memory; see ``long-context.md`` §8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["NSAShape", "compressed_blocks", "block_tokens", "compress_mean", "compress_mlp", "overlap_weights",
+           "select_blocks", "nsa_attention", "decode_keys"]
+
+NEG = -1e30  # a finite "minus infinity": masked scores stay finite, so no NaN reaches a gradient
+
+
+@dataclass(frozen=True)
+class NSAShape:
+    """The sizes of the three branches (paper defaults §4.1: 32, 16, 64, 16, 1, 2, 512).
+
+    Attributes:
+      cmp_block: l, tokens per compressed block. cmp_stride: d, the step between compressed blocks (d | l).
+      slc_block: l', tokens per selection block (d | l', l <= l'). slc_count: n, selected blocks per query,
+      including init_blocks + local_blocks forced ones. window: w, the sliding window, the query included.
+    """
+
+    cmp_block: int = 32
+    cmp_stride: int = 16
+    slc_block: int = 64
+    slc_count: int = 16
+    init_blocks: int = 1
+    local_blocks: int = 2
+    window: int = 512
+
+    def __post_init__(self):
+        for name in ("cmp_block", "cmp_stride", "slc_block", "slc_count", "window"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"attention.sparse.{name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("init_blocks", "local_blocks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"attention.sparse.{name}={getattr(self, name)!r} must be a non-negative integer")
+        l, d, lp = self.cmp_block, self.cmp_stride, self.slc_block
+        if l % d or lp % d:
+            raise ValueError(f"attention.sparse.cmp_stride={d} must divide cmp_block={l} and slc_block={lp}")
+        if l > lp:
+            raise ValueError(f"attention.sparse.cmp_block={l} must not exceed slc_block={lp}")
+        if self.slc_count < self.init_blocks + self.local_blocks:
+            raise ValueError(f"attention.sparse.slc_count={self.slc_count} must be at least init_blocks + "
+                             f"local_blocks = {self.init_blocks + self.local_blocks} (the forced blocks count in it)")
+
+
+def compressed_blocks(t: int, shape: NSAShape) -> int:
+    """How many complete compressed blocks ``t`` tokens hold: ``floor((t - l) / d) + 1`` (0 when ``t < l``)."""
+    return max((t - shape.cmp_block) // shape.cmp_stride + 1, 0)
+
+
+def block_tokens(x: jax.Array, shape: NSAShape) -> jax.Array:
+    """``x [b, t, ...] -> [b, nb, l, ...]``: the tokens of every complete compressed block."""
+    nb = compressed_blocks(x.shape[1], shape)
+    idx = np.arange(nb)[:, None] * shape.cmp_stride + np.arange(shape.cmp_block)[None]
+    return x[:, idx]
+
+
+def compress_mean(blocks: jax.Array) -> jax.Array:
+    """``[b, nb, l, g, D] -> [b, nb, g, D]``: the mean of each block (the parameter-free phi)."""
+    return blocks.mean(2)
+
+
+def compress_mlp(blocks: jax.Array, pos: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
+    """``[b, nb, l, g, D] -> [b, nb, g, D]``: phi as in the paper, an MLP of the block's tokens with a learned
+    intra-block position encoding ``pos [l, D]``: ``gelu(flatten(x + pos) @ w1) @ w2``, ``w1 [l D, H]``,
+    ``w2 [H, D]``, shared by the KV groups."""
+    b, nb, l, g, d = blocks.shape
+    x = (blocks + pos[None, None, :, None]).transpose(0, 1, 3, 2, 4).reshape(b, nb, g, l * d)
+    return jax.nn.gelu(x @ w1) @ w2
+
+
+def overlap_weights(t: int, shape: NSAShape) -> np.ndarray:
+    """``[nb, ns]``: ``|compressed block i & selection block j| / d``, the weights turning compressed scores
+    into selection-block importance (1, 2, 2, 2, 1 over blocks 4j-1..4j+3 at l = 32, d = 16, l' = 64)."""
+    l, d, lp = shape.cmp_block, shape.cmp_stride, shape.slc_block
+    nb, ns = compressed_blocks(t, shape), -(-t // lp)
+    start = np.arange(nb)[:, None] * d
+    lo = np.maximum(start, np.arange(ns)[None] * lp)
+    hi = np.minimum(start + l, (np.arange(ns)[None] + 1) * lp)
+    return np.maximum(hi - lo, 0).astype(np.float32) / d
+
+
+def select_blocks(importance: jax.Array, positions: jax.Array, shape: NSAShape) -> jax.Array:
+    """``importance [b, g, t, ns]``, ``positions [b, t]`` -> ``[b, g, t, n]`` int32 selection-block indices:
+    the forced blocks (the document's first ``init_blocks``, the ``local_blocks`` ending at ``t``'s block),
+    then the most important others inside ``[document start, t]``, ties to the lower index; ``-1`` where
+    fewer than ``n`` blocks exist."""
+    lp, n = shape.slc_block, shape.slc_count
+    t, ns = importance.shape[2], importance.shape[3]
+    if ns < n:  # fewer blocks than selections: pad with blocks past the end (never valid)
+        importance = jnp.pad(importance, ((0, 0),) * 3 + ((0, n - ns),))
+        ns = n
+    q = jnp.arange(t)
+    first = ((q[None] - positions) // lp)[:, None, :, None]  # [b, 1, t, 1]: the document's first block
+    last = (q // lp)[None, None, :, None]
+    j = jnp.arange(ns)[None, None, None]
+    valid = (j >= first) & (j <= last)
+    forced = valid & ((j < first + shape.init_blocks) | (j > last - shape.local_blocks))
+    key = jnp.where(forced, jnp.inf, jnp.where(valid, jax.lax.stop_gradient(importance), -jnp.inf))
+    order = jnp.argsort(-key, axis=-1, stable=True)[..., :n].astype(jnp.int32)
+    return jnp.where(jnp.take_along_axis(jnp.broadcast_to(valid, key.shape), order, -1), order, -1)
+
+
+def _masked_attention(q, k, v, mask, scale):
+    """``q [b, t, g, r, D]``, ``k [b, s, g, D]``, ``v [b, s, g, Dv]``, ``mask [b, g, t, s]`` (broadcast over the
+    ``r`` heads of a group) -> ``([b, t, g, r, Dv], p [b, g, r, t, s])``, zero where a row has no key."""
+    s = jnp.einsum("btgrd,bsgd->bgrts", q, k).astype(jnp.promote_types(q.dtype, jnp.float32)) * scale
+    m = mask[:, :, None]
+    p = jax.nn.softmax(jnp.where(m, s, NEG), axis=-1)
+    p = jnp.where(m.any(-1, keepdims=True), p, 0.0)
+    return jnp.einsum("bgrts,bsgd->btgrd", p.astype(v.dtype), v), p
+
+
+def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: jax.Array, gates: jax.Array,
+                  segment_ids: jax.Array, positions: jax.Array, scale: float, shape: NSAShape) -> jax.Array:
+    """NSA output ``[b, t, h, Dv]`` (dense-mask path; see the module docstring).
+
+    Args:
+      q: ``[b, t, h, D]``; k ``[b, t, g, D]`` and v ``[b, t, g, Dv]`` (``g`` KV groups, ``g | h``), the keys
+        and values of the selection and window branches. kc ``[b, nb, g, D]``, vc ``[b, nb, g, Dv]``: the
+        compressed blocks (``nb = compressed_blocks(t)``). gates: ``[b, t, h, 3]`` in (0, 1), the cmp, slc and
+        win gates. segment_ids, positions: ``[b, t]`` (documents; 0 = padding). scale: the softmax scale.
+    """
+    b, t, h, _ = q.shape
+    g = k.shape[2]
+    r = h // g
+    qg = q.reshape(b, t, g, r, q.shape[-1])
+    seg_ok = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)  # [b, t, s]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    # compression: complete, visible, inside the query's document
+    nb = kc.shape[1]
+    ends = jnp.arange(nb) * shape.cmp_stride + shape.cmp_block - 1
+    idx = np.arange(nb)[:, None] * shape.cmp_stride + np.arange(shape.cmp_block)[None]
+    same_doc = (segment_ids[:, idx][:, None] == segment_ids[:, :, None, None]).all(-1)  # [b, t, nb]
+    cmp_mask = (same_doc & (ends[None, None] <= jnp.arange(t)[None, :, None]))[:, None]  # [b, 1, t, nb]
+    o_cmp, p_cmp = _masked_attention(qg, kc, vc, jnp.broadcast_to(cmp_mask, (b, g, t, nb)), scale)
+    # selection: importance from the compressed probabilities, summed over the group's heads
+    importance = jnp.einsum("bgrti,ij->bgtj", p_cmp, jnp.asarray(overlap_weights(t, shape)))
+    sel = select_blocks(importance, positions, shape)  # [b, g, t, n]
+    ns = importance.shape[-1]
+    chosen = (sel[..., None] == jnp.arange(ns)).any(-2)  # [b, g, t, ns]
+    slc_mask = chosen[..., jnp.arange(t) // shape.slc_block] & (seg_ok & causal)[:, None]
+    o_slc, _ = _masked_attention(qg, k, v, slc_mask, scale)
+    # window: the last w tokens, the query included
+    near = jnp.arange(t)[:, None] - jnp.arange(t)[None] < shape.window
+    win_mask = jnp.broadcast_to((seg_ok & causal & near[None])[:, None], (b, g, t, t))
+    o_win, _ = _masked_attention(qg, k, v, win_mask, scale)
+    gg = gates.reshape(b, t, g, r, 3).astype(o_cmp.dtype)
+    o = gg[..., 0:1] * o_cmp + gg[..., 1:2] * o_slc + gg[..., 2:3] * o_win
+    return o.reshape(b, t, h, -1)
+
+
+def decode_keys(length: int, shape: NSAShape) -> int:
+    """Keys one decode step reads at context ``length`` (analytic, paper Table 4): every complete compressed
+    block, ``n`` selection blocks of ``l'`` tokens and the window, ``floor((s - l) / d) + 1 + n l' + w``
+    (each term capped by what the context holds)."""
+    sel = min(shape.slc_count * shape.slc_block, length)
+    return compressed_blocks(length, shape) + sel + min(shape.window, length)
