@@ -28,18 +28,6 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The two xdist workers take whole files in collection order (addopts: --dist loadfile --no-loadscope-reorder);
-# the files that take many minutes go first (longest first), so they never start last on one worker while the
-# other idles. Minutes measured on 2 cores (full suite, stop 28): R1 pipeline ~22, notebooks ~13, pipeline model
-# ~15, train loop ~10, reliability ~8.
-LONGEST_FIRST = ("test_r1_pipeline.py", "test_pipeline_model.py", "test_notebooks.py", "test_niah_capability.py",
-                 "test_train_loop.py", "test_reliability.py", "test_fp8.py", "test_generate.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: the rest keep their order
-
 # A one-layer MLA model on a 32-entry vocabulary (the addition task's characters fit): the post-training tests'
 # model section, to which a test appends its own train:/grpo:/eval: sections.
 TINY_CHAR_MODEL = """

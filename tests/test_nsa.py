@@ -13,6 +13,7 @@ from references import nsa_reference
 from deepseek_jax.kernels import nsa
 
 SHAPE = nsa.NSAShape(cmp_block=8, cmp_stride=4, slc_block=16, slc_count=6, init_blocks=1, local_blocks=2, window=16)
+NSA = jax.jit(nsa.nsa_attention, static_argnames=("scale", "shape"))
 
 
 def _inputs(t, h, g, seed=0, dtype=jnp.float32, packed=True, shape=SHAPE):
@@ -51,24 +52,29 @@ def _dense_causal(q, k, v, seg, scale):
 @pytest.mark.parametrize("h,g", [(4, 2), (4, 1)], ids=["gqa", "mla-mqa"])
 def test_nsa_equals_the_float64_reference(t, h, g):
     args = _inputs(t, h, g)
-    got = jax.jit(nsa.nsa_attention, static_argnames=("scale", "shape"))(*args, scale=0.3, shape=SHAPE)
+    got = NSA(*args, scale=0.3, shape=SHAPE)
     want = nsa_reference(*args, scale=0.3, shape=SHAPE)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     with jax.enable_x64(True):
         args64 = _inputs(t, h, g, dtype=jnp.float64)
-        got64 = nsa.nsa_attention(*args64, scale=0.3, shape=SHAPE)
+        got64 = NSA(*args64, scale=0.3, shape=SHAPE)
         want64, chosen = nsa_reference(*args64, scale=0.3, shape=SHAPE, return_selection=True)
         np.testing.assert_allclose(np.asarray(got64), want64, rtol=1e-10, atol=1e-10)
         # the selected blocks, as sets, per (row, query, group)
         q, k, v, kc, vc, gates, seg, pos = args64
-        _, p = nsa._masked_attention(q.reshape(2, t, g, h // g, -1), kc, vc, _cmp_mask(seg, t, g, kc.shape[1]), 0.3)
-        imp = jnp.einsum("bgrti,ij->bgtj", p, jnp.asarray(nsa.overlap_weights(t, SHAPE)))
-        sel = np.asarray(nsa.select_blocks(imp, pos, SHAPE))
+        sel = np.asarray(_selection(q.reshape(2, t, g, h // g, -1), kc, vc, _cmp_mask(seg, t, g, kc.shape[1]), pos))
     for (b, q_, grp), blocks in chosen.items():
         row = sel[b, grp, q_]
         assert sorted(row[row >= 0].tolist()) == blocks, (b, q_, grp)
         assert 0 in blocks or pos[b, q_] != q_  # the document's first block is always there
         assert q_ // SHAPE.slc_block in blocks  # so is the query's own
+
+
+@jax.jit
+def _selection(q, kc, vc, mask, pos):
+    _, p = nsa._masked_attention(q, kc, vc, mask, 0.3)
+    imp = jnp.einsum("bgrti,ij->bgtj", p, jnp.asarray(nsa.overlap_weights(q.shape[1], SHAPE)))
+    return nsa.select_blocks(imp, pos, SHAPE)
 
 
 def _cmp_mask(seg, t, g, nb):
