@@ -91,8 +91,9 @@ def test_overlap_weights_and_the_degenerate_case():
     np.testing.assert_array_equal(nsa.overlap_weights(70, same), np.eye(4, 5))  # l = d = l': p_slc = p_cmp
 
 
+@pytest.mark.parametrize("impl", ["dense", "gather"])
 @pytest.mark.parametrize("branch", ["slc", "win", "cmp"])
-def test_one_branch_covering_the_sequence_is_dense_causal_attention(branch):
+def test_one_branch_covering_the_sequence_is_dense_causal_attention(branch, impl):
     t = 37
     shapes = {"slc": nsa.NSAShape(8, 4, 16, 3, 1, 2, 4),  # n l' = 48 >= t
               "win": nsa.NSAShape(8, 4, 16, 6, 1, 2, 64),  # w >= t
@@ -100,7 +101,7 @@ def test_one_branch_covering_the_sequence_is_dense_causal_attention(branch):
     shape = shapes[branch]
     q, k, v, kc, vc, gates, seg, pos = _inputs(t, 4, 2, packed=False, shape=shape)
     one = jnp.zeros_like(gates).at[..., ["cmp", "slc", "win"].index(branch)].set(1.0)
-    got = nsa.nsa_attention(q, k, v, kc, vc, one, seg, pos, 0.3, shape)
+    got = nsa.nsa_attention(q, k, v, kc, vc, one, seg, pos, 0.3, shape, impl=impl, chunk=16)
     np.testing.assert_allclose(np.asarray(got), _dense_causal(q, k, v, seg, 0.3), rtol=1e-5, atol=1e-5)
 
 
@@ -192,3 +193,24 @@ def test_gradients_of_every_input_match_central_differences_of_the_reference():
         numeric = (f_ref(*plus) - f_ref(*minus)) / (2 * eps)
         analytic = sum(float((np.asarray(gr) * d).sum()) for gr, d in zip(grads, u))
         assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (trial, analytic, numeric)
+
+
+@pytest.mark.parametrize("h,g", [(4, 2), (4, 1)], ids=["gqa", "mla-mqa"])
+def test_the_block_gather_path_equals_the_dense_mask_path(h, g):
+    """Whole selected blocks gathered 16 queries at a time (45 = 2 chunks and a padded third), values and the
+    gradients of every input, packed documents included."""
+    t = 45
+    q, k, v, _, _, gates, seg, pos = _inputs(t, h, g)
+
+    def run(impl):
+        def loss(q, k, v, gates):
+            kc, vc = (nsa.compress_mean(nsa.block_tokens(x, SHAPE)) for x in (k, v))
+            o = nsa.nsa_attention(q, k, v, kc, vc, gates, seg, pos, 0.3, SHAPE, impl=impl, chunk=16)
+            return (o * jnp.cos(jnp.arange(o.size).reshape(o.shape))).sum(), o
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, gates)
+
+    (_, dense), dgrads = run("dense")
+    (_, gathered), ggrads = run("gather")
+    np.testing.assert_allclose(np.asarray(gathered), np.asarray(dense), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ggrads, dgrads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Native Sparse Attention (NSA, arXiv 2502.11089 §3.2-3.3) as pure array functions: the dense-mask path.
+"""Native Sparse Attention (NSA, arXiv 2502.11089 §3.2-3.3) as pure array functions.
 
 Three branches per query ``t``, mixed by per-head sigmoid gates ``o_t = sum_c g_t^c Attn(q_t, K^c, V^c)``:
 
@@ -15,8 +15,9 @@ Three branches per query ``t``, mixed by per-head sigmoid gates ``o_t = sum_c g_
 * **window** (``win``): the last ``w`` tokens, ``t`` included.
 
 Document starts come from ``positions`` (``t - positions[t]``, as packing writes them), so the forced initial
-blocks are the document's own. This module scatters the selection into a ``[b, g, t, t]`` mask: exact, and the
-differentiable oracle for the block-gather path, but quadratic in memory; see ``long-context.md`` §8.
+blocks are the document's own. Two paths give the same numbers: ``impl="dense"`` scatters the selection into
+``[b, g, t, t]`` masks (exact and simple: the oracle, quadratic in memory), ``impl="gather"`` gathers whole
+selected blocks and each chunk's window span for ``chunk`` queries at a time (``long-context.md`` §8).
 """
 
 from __future__ import annotations
@@ -136,22 +137,95 @@ def _masked_attention(q, k, v, mask, scale):
     return jnp.einsum("bgrts,bsgd->btgrd", p.astype(v.dtype), v), p
 
 
+def _softmax_where(s, ok):
+    """Softmax of ``s`` over its last axis where ``ok``; rows without a key give zeros (finite everywhere)."""
+    p = jax.nn.softmax(jnp.where(ok, s, NEG), axis=-1)
+    return jnp.where(ok.any(-1, keepdims=True), p, 0.0)
+
+
+def _dense_branches(qg, k, v, sel, segment_ids, scale, shape):
+    """Selection and window outputs ``[b, t, g, r, Dv]`` through ``[b, g, t, t]`` masks."""
+    b, t, g = qg.shape[:3]
+    seg_ok = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)  # [b, t, s]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    chosen = (sel[..., None] == jnp.arange(-(-t // shape.slc_block))).any(-2)  # [b, g, t, ns]
+    slc_mask = chosen[..., jnp.arange(t) // shape.slc_block] & (seg_ok & causal)[:, None]
+    o_slc, _ = _masked_attention(qg, k, v, slc_mask, scale)
+    near = jnp.arange(t)[:, None] - jnp.arange(t)[None] < shape.window
+    win_mask = jnp.broadcast_to((seg_ok & causal & near[None])[:, None], (b, g, t, t))
+    o_win, _ = _masked_attention(qg, k, v, win_mask, scale)
+    return o_slc, o_win
+
+
+def _pad_time(x, n, value=0):
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1])) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+
+
+def _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk):
+    """The same outputs with block-granular gathers, ``chunk`` queries at a time (``lax.map``): per chunk the
+    ``n`` selected blocks ``[b, g, c, n, l', D]`` and the ``c + w - 1`` keys its windows span; memory grows
+    with ``t`` only through the compressed branch."""
+    b, t, g, r, _ = qg.shape
+    lp, w = shape.slc_block, shape.window
+    c = min(chunk, t)
+    tp = -(-t // c) * c
+    nsp = -(-tp // lp)
+    seg_k = _pad_time(segment_ids, nsp * lp)
+    kb, vb = ((_pad_time(x, nsp * lp).reshape(b, nsp, lp, g, -1).transpose(0, 3, 1, 2, 4)) for x in (k, v))
+    kw, vw = (jnp.pad(x, ((0, 0), (w - 1, tp - t), (0, 0), (0, 0))) for x in (k, v))
+    seg_w = jnp.pad(segment_ids, ((0, 0), (w - 1, tp - t)))
+    qp, selp, seg_q = _pad_time(qg, tp), _pad_time(sel.transpose(0, 2, 1, 3), tp, -1), _pad_time(segment_ids, tp)
+    pick = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # [b, g] of (blocks [ns, l', D], index [c, n])
+
+    def one(c0):
+        qc = jax.lax.dynamic_slice_in_dim(qp, c0, c, 1)  # [b, c, g, r, D]
+        sc = jax.lax.dynamic_slice_in_dim(selp, c0, c, 1).transpose(0, 2, 1, 3)  # [b, g, c, n]
+        sq = jax.lax.dynamic_slice_in_dim(seg_q, c0, c, 1)[:, None, :, None, None]  # [b, 1, c, 1, 1]
+        tq = (c0 + jnp.arange(c))[None, None, :, None, None]
+        blk = jnp.maximum(sc, 0)
+        tok = blk[..., None] * lp + jnp.arange(lp)  # [b, g, c, n, l']
+        seg_tok = jax.vmap(lambda s, i: s[i])(seg_k, tok)
+        ok = (sc >= 0)[..., None] & (tok <= tq) & (seg_tok == sq) & (sq > 0)
+        kk, vv = pick(kb, blk), pick(vb, blk)  # [b, g, c, n, l', D]
+        s = jnp.einsum("bcgrd,bgcnld->bgrcnl", qc, kk).astype(jnp.promote_types(qc.dtype, jnp.float32)) * scale
+        p = _softmax_where(s.reshape(s.shape[:4] + (-1,)), ok.reshape(ok.shape[:3] + (-1,))[:, :, None])
+        o_slc = jnp.einsum("bgrcm,bgcmd->bcgrd", p.astype(vv.dtype), vv.reshape(vv.shape[:3] + (-1, vv.shape[-1])))
+        # window: keys c0 - w + 1 .. c0 + c - 1 (front-padded by w - 1)
+        kc_, vc_ = (jax.lax.dynamic_slice_in_dim(x, c0, c + w - 1, 1) for x in (kw, vw))
+        sw = jax.lax.dynamic_slice_in_dim(seg_w, c0, c + w - 1, 1)  # [b, c + w - 1]
+        key = c0 - (w - 1) + jnp.arange(c + w - 1)
+        q_at = c0 + jnp.arange(c)
+        okw = ((key[None] <= q_at[:, None]) & (q_at[:, None] - key[None] < w))[None] & (
+            sw[:, None, :] == sq[:, 0, :, 0]) & (sq[:, 0, :, 0] > 0)  # [b, c, c + w - 1]
+        s = jnp.einsum("bcgrd,bsgd->bgrcs", qc, kc_).astype(jnp.promote_types(qc.dtype, jnp.float32)) * scale
+        p = _softmax_where(s, okw[:, None, None])
+        o_win = jnp.einsum("bgrcs,bsgd->bcgrd", p.astype(vc_.dtype), vc_)
+        return o_slc, o_win
+
+    o_slc, o_win = jax.lax.map(one, jnp.arange(0, tp, c))  # [chunks, b, c, g, r, Dv]
+    merge = lambda o: o.transpose(1, 0, 2, 3, 4, 5).reshape((b, tp) + o.shape[3:])[:, :t]  # noqa: E731
+    return merge(o_slc), merge(o_win)
+
+
 def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: jax.Array, gates: jax.Array,
-                  segment_ids: jax.Array, positions: jax.Array, scale: float, shape: NSAShape) -> jax.Array:
-    """NSA output ``[b, t, h, Dv]`` (dense-mask path; see the module docstring).
+                  segment_ids: jax.Array, positions: jax.Array, scale: float, shape: NSAShape, impl: str = "dense",
+                  chunk: int = 64) -> jax.Array:
+    """NSA output ``[b, t, h, Dv]`` (see the module docstring).
 
     Args:
       q: ``[b, t, h, D]``; k ``[b, t, g, D]`` and v ``[b, t, g, Dv]`` (``g`` KV groups, ``g | h``), the keys
         and values of the selection and window branches. kc ``[b, nb, g, D]``, vc ``[b, nb, g, Dv]``: the
         compressed blocks (``nb = compressed_blocks(t)``). gates: ``[b, t, h, 3]`` in (0, 1), the cmp, slc and
         win gates. segment_ids, positions: ``[b, t]`` (documents; 0 = padding). scale: the softmax scale.
+      impl: ``dense`` (``[b, g, t, t]`` masks: the oracle) or ``gather`` (whole selected blocks gathered for
+        ``chunk`` queries at a time; the same numbers).
     """
+    if impl not in ("dense", "gather"):
+        raise ValueError(f"impl={impl!r} must be 'dense' or 'gather'")
     b, t, h, _ = q.shape
     g = k.shape[2]
     r = h // g
     qg = q.reshape(b, t, g, r, q.shape[-1])
-    seg_ok = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)  # [b, t, s]
-    causal = jnp.tril(jnp.ones((t, t), bool))[None]
     # compression: complete, visible, inside the query's document
     nb = kc.shape[1]
     ends = jnp.arange(nb) * shape.cmp_stride + shape.cmp_block - 1
@@ -162,14 +236,10 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: j
     # selection: importance from the compressed probabilities, summed over the group's heads
     importance = jnp.einsum("bgrti,ij->bgtj", p_cmp, jnp.asarray(overlap_weights(t, shape)))
     sel = select_blocks(importance, positions, shape)  # [b, g, t, n]
-    ns = importance.shape[-1]
-    chosen = (sel[..., None] == jnp.arange(ns)).any(-2)  # [b, g, t, ns]
-    slc_mask = chosen[..., jnp.arange(t) // shape.slc_block] & (seg_ok & causal)[:, None]
-    o_slc, _ = _masked_attention(qg, k, v, slc_mask, scale)
-    # window: the last w tokens, the query included
-    near = jnp.arange(t)[:, None] - jnp.arange(t)[None] < shape.window
-    win_mask = jnp.broadcast_to((seg_ok & causal & near[None])[:, None], (b, g, t, t))
-    o_win, _ = _masked_attention(qg, k, v, win_mask, scale)
+    if impl == "dense":
+        o_slc, o_win = _dense_branches(qg, k, v, sel, segment_ids, scale, shape)
+    else:
+        o_slc, o_win = _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk)
     gg = gates.reshape(b, t, g, r, 3).astype(o_cmp.dtype)
     o = gg[..., 0:1] * o_cmp + gg[..., 1:2] * o_slc + gg[..., 2:3] * o_win
     return o.reshape(b, t, h, -1)
