@@ -78,8 +78,7 @@ def _selection(q, kc, vc, mask, pos):
 
 
 def _cmp_mask(seg, t, g, nb):
-    idx = np.arange(nb)[:, None] * SHAPE.cmp_stride + np.arange(SHAPE.cmp_block)[None]
-    same = (seg[:, idx][:, None] == seg[:, :, None, None]).all(-1)
+    same = (nsa.block_tokens(seg, SHAPE)[:, None] == seg[:, :, None, None]).all(-1)
     ends = np.arange(nb) * SHAPE.cmp_stride + SHAPE.cmp_block - 1
     return jnp.broadcast_to((same & (ends[None, None] <= np.arange(t)[None, :, None]))[:, None], (2, g, t, nb))
 

@@ -229,8 +229,7 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: j
     # compression: complete, visible, inside the query's document
     nb = kc.shape[1]
     ends = jnp.arange(nb) * shape.cmp_stride + shape.cmp_block - 1
-    idx = np.arange(nb)[:, None] * shape.cmp_stride + np.arange(shape.cmp_block)[None]
-    same_doc = (segment_ids[:, idx][:, None] == segment_ids[:, :, None, None]).all(-1)  # [b, t, nb]
+    same_doc = (block_tokens(segment_ids, shape)[:, None] == segment_ids[:, :, None, None]).all(-1)  # [b, t, nb]
     cmp_mask = (same_doc & (ends[None, None] <= jnp.arange(t)[None, :, None]))[:, None]  # [b, 1, t, nb]
     o_cmp, p_cmp = _masked_attention(qg, kc, vc, jnp.broadcast_to(cmp_mask, (b, g, t, nb)), scale)
     # selection: importance from the compressed probabilities, summed over the group's heads
