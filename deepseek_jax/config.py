@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepseek_jax.config_io import CONFIG_DIR, from_dict, merge, read_yaml, resolve_config_path, strip_train_section
+from deepseek_jax.config_io import (CONFIG_DIR, from_dict, merge, plain, read_yaml, resolve_config_path,
+                                   strip_train_section)
+from deepseek_jax.kernels.nsa import NSAShape
 
 __all__ = [
     "YarnConfig",
     "RopeConfig",
+    "SparseConfig",
     "AttentionConfig",
     "RouterConfig",
     "MoEConfig",
@@ -93,6 +96,58 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class SparseConfig:
+    """Sparse attention in place of full attention, ``attention.sparse`` (``long-context.md`` §1, §6).
+
+    ``kind="nsa"`` (Native Sparse Attention, arXiv 2502.11089): three branches mixed by per-head sigmoid gates
+    of ``x`` (bias initialised to ``gate_bias``, cmp / slc / win): attention over compressed blocks of
+    ``cmp_block`` tokens every ``cmp_stride``, over the ``slc_count`` most important blocks of ``slc_block``
+    tokens (the ``init_blocks`` first and ``local_blocks`` last of them forced), and over the last ``window``
+    tokens. ``compress``: ``mlp`` (the paper's phi, hidden width ``compress_hidden``, 0 = the key width) or
+    ``mean``. ``impl``: ``gather`` (blocks gathered for ``chunk`` queries at a time) or ``dense`` (masks; the
+    oracle). Paper defaults below; the tiny presets shrink them. Valid for MLA (one group: the absorbed form)
+    and MHA/GQA (``n_kv_heads`` groups).
+    """
+
+    kind: Literal["nsa"]
+    cmp_block: int = 32
+    cmp_stride: int = 16
+    slc_block: int = 64
+    slc_count: int = 16
+    init_blocks: int = 1
+    local_blocks: int = 2
+    window: int = 512
+    compress: Literal["mlp", "mean"] = "mlp"
+    compress_hidden: int = 0
+    gate_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    impl: Literal["gather", "dense"] = "gather"
+    chunk: int = 64
+
+    def __post_init__(self):
+        if self.kind != "nsa":
+            _fail("attention.sparse.kind", self.kind, "must be 'nsa'")
+        self.shape  # validates the block sizes, naming the field
+        if self.compress not in ("mlp", "mean"):
+            _fail("attention.sparse.compress", self.compress, "must be 'mlp' or 'mean'")
+        if self.impl not in ("gather", "dense"):
+            _fail("attention.sparse.impl", self.impl, "must be 'gather' or 'dense'")
+        for n in ("compress_hidden", "chunk"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or v < (0 if n == "compress_hidden" else 1):
+                _fail(f"attention.sparse.{n}", v, "must be a " + ("non-negative" if n == "compress_hidden"
+                                                                   else "positive") + " integer")
+        bias = tuple(float(b) for b in self.gate_bias) if isinstance(self.gate_bias, (list, tuple)) else ()
+        if len(bias) != 3:
+            _fail("attention.sparse.gate_bias", self.gate_bias, "must be three numbers (cmp, slc, win)")
+        object.__setattr__(self, "gate_bias", bias)
+
+    @property
+    def shape(self) -> NSAShape:
+        return NSAShape(self.cmp_block, self.cmp_stride, self.slc_block, self.slc_count, self.init_blocks,
+                        self.local_blocks, self.window)
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """Attention block.
 
@@ -112,6 +167,7 @@ class AttentionConfig:
     qk_nope_head_dim: int = 0  # mla
     qk_rope_head_dim: int = 0  # mla
     v_head_dim: int = 0  # mla
+    sparse: SparseConfig | None = None  # dense attention when unset
 
     def __post_init__(self):
         if self.kind not in ("mha", "gqa", "mla"):
@@ -343,7 +399,8 @@ class ModelConfig:
         return scale
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested dicts and lists (YAML-writable)."""
+        return plain(dataclasses.asdict(self))
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A new validated config with ``overrides`` (dotted keys reach nested fields)."""

@@ -11,6 +11,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
 from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
 from deepseek_jax.nn.attention.common import HEADS, masked_softmax
+from deepseek_jax.nn.attention.sparse import NSA, check_sparse_without_cache
 from deepseek_jax.nn.layers import linear, param
 from deepseek_jax.nn.rope import apply_rope
 from deepseek_jax.parallel.rules import constrain
@@ -37,11 +38,15 @@ class GQA(nn.Module):
         wk = param(self, "wk", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd, gather=False)
         wv = param(self, "wv", (c.d_model, g, h), ("embed", "kv_heads", "head_dim"), std, pd, gather=False)
         q = apply_rope(checkpoint_name(linear(x, wq, fp8=c.fp8), "q_proj"), positions, c.rope)
-        k = apply_rope(checkpoint_name(linear(x, wk, fp8=c.fp8), "k_proj"), positions, c.rope)
+        k_raw = checkpoint_name(linear(x, wk, fp8=c.fp8), "k_proj")
+        k = apply_rope(k_raw, positions, c.rope)
         v = constrain(checkpoint_name(linear(x, wv, fp8=c.fp8), "v_proj"), *HEADS)
         q, k = constrain(q, *HEADS), constrain(k, *HEADS)
         b, t = x.shape[:2]
-        if self.cache is None:  # training / no cache: the blocked core with its recomputing backward
+        if a.sparse is not None:  # NSA: the branches over the kv groups' keys and values
+            check_sparse_without_cache(self.cache)
+            out = NSA(c, rope_dim=h, name="nsa")(x, q, k, k_raw, v, positions, segment_ids)
+        elif self.cache is None:  # training / no cache: the blocked core with its recomputing backward
             out = causal_attention(q, k, v, segment_ids, c.softmax_scale, ATTENTION_BLOCK)
         else:
             k = cache_update(self, "k", k, positions, self.cache)
