@@ -112,7 +112,7 @@ def nsa_reference(q, k, v, kc, vc, gates, segment_ids, positions, scale, shape, 
     chosen = {}
     for b in range(B):
         for t in range(T):
-            doc = [s for s in range(t + 1) if seg[b, s] == seg[b, t] and seg[b, t] > 0]
+            doc = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]
             blocks = [i for i in range(kc.shape[1])
                       if i * d + l - 1 <= t and all(seg[b, i * d + u] == seg[b, t] for u in range(l))]
             first, last = (t - pos[b, t]) // lp, t // lp

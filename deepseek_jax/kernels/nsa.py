@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["NSAShape", "compressed_blocks", "block_tokens", "compress_mean", "compress_mlp", "overlap_weights",
-           "select_blocks", "nsa_attention", "decode_keys"]
+           "select_blocks", "nsa_attention", "new_blocks", "nsa_decode", "decode_keys"]
 
 NEG = -1e30  # a finite "minus infinity": masked scores stay finite, so no NaN reaches a gradient
 
@@ -106,19 +106,21 @@ def overlap_weights(t: int, shape: NSAShape) -> np.ndarray:
     return np.maximum(hi - lo, 0).astype(np.float32) / d
 
 
-def select_blocks(importance: jax.Array, positions: jax.Array, shape: NSAShape) -> jax.Array:
+def select_blocks(importance: jax.Array, positions: jax.Array, shape: NSAShape,
+                  times: jax.Array | None = None) -> jax.Array:
     """``importance [b, g, t, ns]``, ``positions [b, t]`` -> ``[b, g, t, n]`` int32 selection-block indices:
     the forced blocks (the document's first ``init_blocks``, the ``local_blocks`` ending at ``t``'s block),
     then the most important others inside ``[document start, t]``, ties to the lower index; ``-1`` where
-    fewer than ``n`` blocks exist."""
+    fewer than ``n`` blocks exist. ``times [b, t]``: the queries' slots (default ``0 .. t-1``; decoding
+    passes the positions of its new tokens)."""
     lp, n = shape.slc_block, shape.slc_count
     t, ns = importance.shape[2], importance.shape[3]
     if ns < n:  # fewer blocks than selections: pad with blocks past the end (never valid)
         importance = jnp.pad(importance, ((0, 0),) * 3 + ((0, n - ns),))
         ns = n
-    q = jnp.arange(t)
-    first = ((q[None] - positions) // lp)[:, None, :, None]  # [b, 1, t, 1]: the document's first block
-    last = (q // lp)[None, None, :, None]
+    q = jnp.broadcast_to(jnp.arange(t), positions.shape) if times is None else times
+    first = ((q - positions) // lp)[:, None, :, None]  # [b, 1, t, 1]: the document's first block
+    last = (q // lp)[:, None, :, None]
     j = jnp.arange(ns)[None, None, None]
     valid = (j >= first) & (j <= last)
     forced = valid & ((j < first + shape.init_blocks) | (j > last - shape.local_blocks))
@@ -146,7 +148,7 @@ def _softmax_where(s, ok):
 def _dense_branches(qg, k, v, sel, segment_ids, scale, shape):
     """Selection and window outputs ``[b, t, g, r, Dv]`` through ``[b, g, t, t]`` masks."""
     b, t, g = qg.shape[:3]
-    seg_ok = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)  # [b, t, s]
+    seg_ok = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, t, s]
     causal = jnp.tril(jnp.ones((t, t), bool))[None]
     chosen = (sel[..., None] == jnp.arange(-(-t // shape.slc_block))).any(-2)  # [b, g, t, ns]
     slc_mask = chosen[..., jnp.arange(t) // shape.slc_block] & (seg_ok & causal)[:, None]
@@ -170,11 +172,11 @@ def _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk):
     c = min(chunk, t)
     tp = -(-t // c) * c
     nsp = -(-tp // lp)
-    seg_k = _pad_time(segment_ids, nsp * lp)
+    seg_k = _pad_time(segment_ids, nsp * lp, -1)  # padding belongs to no document (and lies in the future)
     kb, vb = ((_pad_time(x, nsp * lp).reshape(b, nsp, lp, g, -1).transpose(0, 3, 1, 2, 4)) for x in (k, v))
     kw, vw = (jnp.pad(x, ((0, 0), (w - 1, tp - t), (0, 0), (0, 0))) for x in (k, v))
-    seg_w = jnp.pad(segment_ids, ((0, 0), (w - 1, tp - t)))
-    qp, selp, seg_q = _pad_time(qg, tp), _pad_time(sel.transpose(0, 2, 1, 3), tp, -1), _pad_time(segment_ids, tp)
+    seg_w = jnp.pad(segment_ids, ((0, 0), (w - 1, tp - t)), constant_values=-1)
+    qp, selp, seg_q = _pad_time(qg, tp), _pad_time(sel.transpose(0, 2, 1, 3), tp, -1), _pad_time(segment_ids, tp, -1)
     pick = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # [b, g] of (blocks [ns, l', D], index [c, n])
 
     def one(c0):
@@ -185,7 +187,7 @@ def _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk):
         blk = jnp.maximum(sc, 0)
         tok = blk[..., None] * lp + jnp.arange(lp)  # [b, g, c, n, l']
         seg_tok = jax.vmap(lambda s, i: s[i])(seg_k, tok)
-        ok = (sc >= 0)[..., None] & (tok <= tq) & (seg_tok == sq) & (sq > 0)
+        ok = (sc >= 0)[..., None] & (tok <= tq) & (seg_tok == sq)
         kk, vv = pick(kb, blk), pick(vb, blk)  # [b, g, c, n, l', D]
         s = jnp.einsum("bcgrd,bgcnld->bgrcnl", qc, kk).astype(jnp.promote_types(qc.dtype, jnp.float32)) * scale
         p = _softmax_where(s.reshape(s.shape[:4] + (-1,)), ok.reshape(ok.shape[:3] + (-1,))[:, :, None])
@@ -196,7 +198,7 @@ def _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk):
         key = c0 - (w - 1) + jnp.arange(c + w - 1)
         q_at = c0 + jnp.arange(c)
         okw = ((key[None] <= q_at[:, None]) & (q_at[:, None] - key[None] < w))[None] & (
-            sw[:, None, :] == sq[:, 0, :, 0]) & (sq[:, 0, :, 0] > 0)  # [b, c, c + w - 1]
+            sw[:, None, :] == sq[:, 0, :, 0])  # [b, c, c + w - 1]
         s = jnp.einsum("bcgrd,bsgd->bgrcs", qc, kc_).astype(jnp.promote_types(qc.dtype, jnp.float32)) * scale
         p = _softmax_where(s, okw[:, None, None])
         o_win = jnp.einsum("bgrcs,bsgd->bcgrd", p.astype(vc_.dtype), vc_)
@@ -216,7 +218,8 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: j
       q: ``[b, t, h, D]``; k ``[b, t, g, D]`` and v ``[b, t, g, Dv]`` (``g`` KV groups, ``g | h``), the keys
         and values of the selection and window branches. kc ``[b, nb, g, D]``, vc ``[b, nb, g, Dv]``: the
         compressed blocks (``nb = compressed_blocks(t)``). gates: ``[b, t, h, 3]`` in (0, 1), the cmp, slc and
-        win gates. segment_ids, positions: ``[b, t]`` (documents; 0 = padding). scale: the softmax scale.
+        win gates. segment_ids, positions: ``[b, t]`` (a query sees only keys of its own segment id, as in
+        the dense attention kernel). scale: the softmax scale.
       impl: ``dense`` (``[b, g, t, t]`` masks: the oracle) or ``gather`` (whole selected blocks gathered for
         ``chunk`` queries at a time; the same numbers).
     """
@@ -239,9 +242,61 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: j
         o_slc, o_win = _dense_branches(qg, k, v, sel, segment_ids, scale, shape)
     else:
         o_slc, o_win = _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk)
+    return _mix(gates, o_cmp, o_slc, o_win)
+
+
+def _mix(gates, o_cmp, o_slc, o_win):
+    """``sum_c g^c o^c`` with ``gates [b, t, h, 3]`` and branch outputs ``[b, t, g, r, Dv]`` -> ``[b, t, h, Dv]``."""
+    b, t, g, r, _ = o_cmp.shape
     gg = gates.reshape(b, t, g, r, 3).astype(o_cmp.dtype)
     o = gg[..., 0:1] * o_cmp + gg[..., 1:2] * o_slc + gg[..., 2:3] * o_win
-    return o.reshape(b, t, h, -1)
+    return o.reshape(b, t, g * r, -1)
+
+
+def new_blocks(positions: jax.Array, nb: int, shape: NSAShape) -> tuple[jax.Array, jax.Array]:
+    """The compressed blocks that tokens at ``positions [b, tn]`` (consecutive per row) complete: block
+    indices ``[b, m]`` (``m = (tn - 1) // d + 1``, the most a run of ``tn`` tokens can complete) and whether
+    each is one (its last token ``i d + l - 1`` among the new ones, ``i < nb``)."""
+    l, d = shape.cmp_block, shape.cmp_stride
+    tn = positions.shape[1]
+    p0 = positions[:, :1]
+    i = jnp.maximum(-((l - 1 - p0) // d), 0) + jnp.arange((tn - 1) // d + 1)  # ceil((p0 - l + 1) / d), clamped
+    end = i * d + l - 1
+    return i, (end >= p0) & (end <= p0 + tn - 1) & (i < nb)
+
+
+def nsa_decode(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: jax.Array, gates: jax.Array,
+               positions: jax.Array, scale: float, shape: NSAShape) -> jax.Array:
+    """NSA for new tokens against caches (one document per row; a token at position ``p`` lives in slot ``p``):
+    ``q [b, tn, h, D]``, ``positions [b, tn]``, the rotated keys ``k [b, S, g, D]`` and values ``v [b, S, g, Dv]``
+    written up to every query, the compressed blocks ``kc [b, nb, g, D]``, ``vc [b, nb, g, Dv]``
+    (``nb = compressed_blocks(S)``) written up to each query's complete ones, gates ``[b, tn, h, 3]`` ->
+    ``[b, tn, h, Dv]``. A query reads the ``nb`` compressed keys, its ``n`` selected blocks of ``l'`` slots and
+    ``w`` window slots: never the whole cache."""
+    b, tn, h, dk = q.shape
+    size, g, nb = k.shape[1], k.shape[2], kc.shape[1]
+    lp, w = shape.slc_block, min(shape.window, size)
+    qg = q.reshape(b, tn, g, h // g, dk)
+    t = positions[:, :, None]  # [b, tn, 1]
+    vis = jnp.arange(nb) * shape.cmp_stride + shape.cmp_block - 1 <= t  # [b, tn, nb]
+    o_cmp, p_cmp = _masked_attention(qg, kc, vc, jnp.broadcast_to(vis[:, None], (b, g, tn, nb)), scale)
+    importance = jnp.einsum("bgrti,ij->bgtj", p_cmp, jnp.asarray(overlap_weights(size, shape)))
+    sel = select_blocks(importance, positions, shape, times=positions)  # [b, g, tn, n]
+    sp = -(-size // lp) * lp
+    kb, vb = (_pad_time(x, sp).reshape(b, sp // lp, lp, g, -1).transpose(0, 3, 1, 2, 4) for x in (k, v))
+    blk = jnp.maximum(sel, 0)
+    kk, vv = (jax.vmap(jax.vmap(lambda x, i: x[i]))(x, blk) for x in (kb, vb))  # [b, g, tn, n, l', D]
+    ok = (sel >= 0)[..., None] & (blk[..., None] * lp + jnp.arange(lp) <= t[:, None, :, :, None])
+    s = jnp.einsum("btgrd,bgtnld->bgrtnl", qg, kk).astype(jnp.promote_types(q.dtype, jnp.float32)) * scale
+    p = _softmax_where(s.reshape(s.shape[:4] + (-1,)), ok.reshape(ok.shape[:3] + (-1,))[:, :, None])
+    o_slc = jnp.einsum("bgrtm,bgtmd->btgrd", p.astype(v.dtype), vv.reshape(vv.shape[:3] + (-1, vv.shape[-1])))
+    idx = jnp.clip(positions - w + 1, 0, size - w)[..., None] + jnp.arange(w)  # [b, tn, w] window slots
+    kw, vw = (jax.vmap(lambda x, i: x[i])(x, idx) for x in (k, v))  # [b, tn, w, g, D]
+    okw = (idx <= t) & (idx > t - w)
+    s = jnp.einsum("btgrd,btwgd->bgrtw", qg, kw).astype(jnp.promote_types(q.dtype, jnp.float32)) * scale
+    p = _softmax_where(s, okw[:, None, None])
+    o_win = jnp.einsum("bgrtw,btwgd->btgrd", p.astype(v.dtype), vw)
+    return _mix(gates, o_cmp, o_slc, o_win)
 
 
 def decode_keys(length: int, shape: NSAShape) -> int:

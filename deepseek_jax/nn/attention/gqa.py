@@ -11,7 +11,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
 from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
 from deepseek_jax.nn.attention.common import HEADS, masked_softmax
-from deepseek_jax.nn.attention.sparse import NSA, check_sparse_without_cache
+from deepseek_jax.nn.attention.sparse import NSA
 from deepseek_jax.nn.layers import linear, param
 from deepseek_jax.nn.rope import apply_rope
 from deepseek_jax.parallel.rules import constrain
@@ -44,8 +44,7 @@ class GQA(nn.Module):
         q, k = constrain(q, *HEADS), constrain(k, *HEADS)
         b, t = x.shape[:2]
         if a.sparse is not None:  # NSA: the branches over the kv groups' keys and values
-            check_sparse_without_cache(self.cache)
-            out = NSA(c, rope_dim=h, name="nsa")(x, q, k, k_raw, v, positions, segment_ids)
+            out = NSA(c, rope_dim=h, cache=self.cache, name="nsa")(x, q, k, k_raw, v, positions, segment_ids)
         elif self.cache is None:  # training / no cache: the blocked core with its recomputing backward
             out = causal_attention(q, k, v, segment_ids, c.softmax_scale, ATTENTION_BLOCK)
         else:

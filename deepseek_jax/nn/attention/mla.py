@@ -33,7 +33,7 @@ from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
 from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
 from deepseek_jax.nn.attention.common import HEADS, masked_softmax
-from deepseek_jax.nn.attention.sparse import NSA, check_sparse_without_cache
+from deepseek_jax.nn.attention.sparse import NSA
 from deepseek_jax.nn.layers import RMSNorm, linear, param
 from deepseek_jax.nn.rope import apply_rope
 from deepseek_jax.parallel.rules import constrain
@@ -97,7 +97,6 @@ class MLA(nn.Module):
         wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_latent", "heads", "kv_head"), std, pd, gather=False)
         wo = param(self, "wo", (n, vd, c.d_model), ("heads", "v_head", "embed"), std, pd, n_in=2, gather=False)
         if a.sparse is not None:  # NSA over the latent, in the absorbed (one-group) form
-            check_sparse_without_cache(self.cache)
             out = self._sparse(x, q_nope, q_rope, c_kv, kv[..., kc:], k_rope, wkv_b.gathered(), positions, segment_ids)
             return linear(checkpoint_name(out, "attn_out"), wo, n_in=2, fp8=c.fp8)
         if self.cache is not None and self.cache.kind == "latent":
@@ -147,6 +146,6 @@ class MLA(nn.Module):
         q = constrain(jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1), *HEADS)
         key = jnp.concatenate([c_kv, k_rope.astype(c_kv.dtype)], -1)[:, :, None]  # [b, t, 1, c + r]
         key_raw = jnp.concatenate([c_kv, k_rope_raw.astype(c_kv.dtype)], -1)[:, :, None]
-        o_lat = NSA(c, rope_dim=r, shared_value=True, name="nsa")(x, q, key, key_raw, c_kv[:, :, None], positions,
-                                                                  segment_ids)
+        o_lat = NSA(c, rope_dim=r, shared_value=True, cache=self.cache, name="nsa")(
+            x, q, key, key_raw, c_kv[:, :, None], positions, segment_ids)
         return constrain(jnp.einsum("btnc,cnv->btnv", o_lat, w[..., p:]), *HEADS)

@@ -15,18 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.kernels.nsa import block_tokens, compress_mean, compress_mlp, nsa_attention
+from deepseek_jax.kernels.nsa import (block_tokens, compress_mean, compress_mlp, compressed_blocks, new_blocks,
+                                     nsa_attention, nsa_decode)
+from deepseek_jax.nn import tree
+from deepseek_jax.nn.attention.cache import CacheConfig, cache_update
 from deepseek_jax.nn.layers import param
 from deepseek_jax.nn.rope import apply_rope
 
-__all__ = ["NSA", "check_sparse_without_cache"]
-
-
-def check_sparse_without_cache(cache) -> None:
-    """Sparse attention runs on whole sequences (training, teacher-forced evaluation) for now."""
-    if cache is not None:
-        raise NotImplementedError("attention.sparse has no KV-cache decoding yet: train and evaluate it with "
-                                  "whole-sequence forwards (eval niah --scoring argmax), or drop attention.sparse")
+__all__ = ["NSA"]
 
 
 class NSA(nn.Module):
@@ -36,28 +32,67 @@ class NSA(nn.Module):
     input), rotated queries ``q [b, t, h, D]``, rotated keys ``k [b, t, g, D]`` and the same keys before RoPE
     ``k_raw``, values ``v [b, t, g, Dv]``. The last ``rope_dim`` key dims are rotary. ``shared_value``: the
     values are the first ``Dv`` key dims (MLA's latent) and one phi compresses both.
+
+    With a ``cache`` (decoding, one document per row) it keeps its own: the rotated keys ``k``, the values
+    ``v`` (not with ``shared_value``), the unrotated rotary dims ``k_rope_raw`` (what compression pools), and
+    the compressed blocks ``kc``, ``vc`` ``[b, compressed_blocks(size), g, D]``, each block written by the
+    call whose tokens complete it; :func:`~deepseek_jax.kernels.nsa.nsa_decode` then reads the compressed
+    keys, the selected blocks and the window.
     """
 
     cfg: ModelConfig
     rope_dim: int
     shared_value: bool = False
+    cache: CacheConfig | None = None
 
     @nn.compact
     def __call__(self, x, q, k, k_raw, v, positions, segment_ids):
         c, s = self.cfg, self.cfg.attention.sparse
-        shape, h, dv = s.shape, q.shape[2], v.shape[-1]
-        kc = self._compress("k", block_tokens(k_raw, shape))
-        vc = kc[..., :dv] if self.shared_value else self._compress("v", block_tokens(v, shape))
-        starts = block_tokens(positions, shape)[:, :, 0]  # [b, nb]: each block's first position
-        r = self.rope_dim
-        kc = jnp.concatenate([kc[..., :kc.shape[-1] - r], apply_rope(kc[..., kc.shape[-1] - r:], starts, c.rope)], -1)
         pd = jnp.dtype(c.param_dtype)
+        h = q.shape[2]
         w_gate = param(self, "w_gate", (c.d_model, h, 3), ("embed", "heads", None), c.init_std, pd)
         b_gate = self.param("b_gate", nn.with_logical_partitioning(
             lambda _, shp, dt: jnp.broadcast_to(jnp.asarray(s.gate_bias, dt), shp), ("heads", None)), (h, 3), pd)
         gates = jax.nn.sigmoid(jnp.einsum("btd,dhc->bthc", x, w_gate.astype(x.dtype)) + b_gate.astype(x.dtype))
+        if self.cache is not None:
+            return self._decode(q, k, k_raw, v, gates, positions)
+        kc, vc = self._compressed(block_tokens(k_raw, s.shape), block_tokens(v, s.shape),
+                                  block_tokens(positions, s.shape)[:, :, 0])
         return nsa_attention(q, k, v, kc.astype(k.dtype), vc.astype(v.dtype), gates, segment_ids, positions,
-                             c.softmax_scale, shape, s.impl, s.chunk)
+                             c.softmax_scale, s.shape, s.impl, s.chunk)
+
+    def _compressed(self, k_blocks, v_blocks, starts):
+        """Blocks ``[b, m, l, g, D]`` -> compressed keys (rotary part rotated at ``starts [b, m]``) and values."""
+        kc = self._compress("k", k_blocks)
+        vc = kc[..., :v_blocks.shape[-1]] if self.shared_value else self._compress("v", v_blocks)
+        nope = kc.shape[-1] - self.rope_dim
+        return jnp.concatenate([kc[..., :nope], apply_rope(kc[..., nope:], starts, self.cfg.rope)], -1), vc
+
+    def _decode(self, q, k, k_raw, v, gates, positions):
+        c, s, cc = self.cfg, self.cfg.attention.sparse, self.cache
+        if cc.dtype == "fp8":
+            raise ValueError("attention.sparse caches are float (cache_dtype='fp8' is for dense attention)")
+        nope = k.shape[-1] - self.rope_dim
+        k_all = cache_update(self, "k", k, positions, cc)
+        v_all = k_all[..., :v.shape[-1]] if self.shared_value else cache_update(self, "v", v, positions, cc)
+        raw = jnp.concatenate([k_all[..., :nope], cache_update(self, "k_rope_raw", k_raw[..., nope:], positions, cc)],
+                              -1)
+        b, nb, l = k.shape[0], compressed_blocks(cc.size, s.shape), s.cmp_block
+        idx, new = new_blocks(positions, nb, s.shape)  # [b, m]
+        tok = jnp.minimum(idx[..., None] * s.cmp_stride + jnp.arange(l), cc.size - 1)  # [b, m, l]
+        kc_new, vc_new = self._compressed(jax.vmap(lambda x, i: x[i])(raw, tok),
+                                          jax.vmap(lambda x, i: x[i])(v_all, tok), idx * s.cmp_stride)
+        rows = jnp.arange(b)[:, None]
+        slot = jnp.where(new, idx, nb)  # out of range: dropped
+
+        def write(name, val):
+            var = self.variable(tree.CACHE, name, jnp.zeros, (b, nb) + val.shape[2:], jnp.dtype(cc.dtype))
+            var.value = var.value.at[rows, slot].set(val.astype(var.value.dtype), mode="drop")
+            return var.value.astype(k.dtype)
+
+        kc_all = write("kc", kc_new)
+        vc_all = kc_all[..., :v.shape[-1]] if self.shared_value else write("vc", vc_new)
+        return nsa_decode(q, k_all, v_all, kc_all, vc_all, gates, positions, c.softmax_scale, s.shape)
 
     def _compress(self, name: str, blocks: jax.Array) -> jax.Array:
         """``blocks [b, nb, l, g, D] -> [b, nb, g, D]`` by phi (``compress: mlp``) or the mean."""
