@@ -84,9 +84,12 @@ def _info(args: argparse.Namespace) -> int:
     rows = [("parameters, total", f"{info['params_total']:,} ({info['params_total'] / 1e9:.2f}B)"),
             ("parameters, active per token", f"{info['params_active']:,} ({info['params_active'] / 1e9:.2f}B)"),
             ("parameters, MTP modules", f"{info['params_mtp']:,} ({info['params_mtp'] / 1e9:.2f}B)"),
-            ("KV cache per token per layer (bf16)", f"{info['kv_cache_bytes_per_token_per_layer']:,} B"),
-            ("KV cache per token, all layers (bf16)", f"{info['kv_cache_bytes_per_token']:,} B"),
+            ("KV cache per token per layer (bf16)", f"{info['kv_cache_bytes_per_token_per_layer']:,g} B"),
+            ("KV cache per token, all layers (bf16)", f"{info['kv_cache_bytes_per_token']:,g} B"),
             ("eval_shape time", f"{info['eval_shape_seconds']} s")]
+    for n, c in (info["decode_keys_per_step"] or {}).items():
+        rows.append((f"keys read per decode step at {n:,} ({cfg.attention.sparse.kind})",
+                     f"{c['sparse']:,} (dense {c['dense']:,}, {c['sparse'] / c['dense']:.1%})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

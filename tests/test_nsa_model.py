@@ -194,3 +194,23 @@ def test_greedy_generate_equals_greedy_over_whole_sequences(kind):
         for _ in range(20):
             seq.append(int(np.argmax(np.asarray(fwd(variables, jnp.asarray([seq], jnp.int32)))[0, -1])))
         assert g == seq[len(p):]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_cache_bytes_and_decode_keys_in_info(kind):
+    """The caches ``generate`` allocates hold what ``info`` states per token: dense entries, the unrotated
+    rotary dims and one compressed block per d tokens (the first l - d tokens complete none); ``info`` lists
+    the analytic keys per decode step beside the dense count."""
+    from deepseek_jax.analysis.params import kv_cache_elements_per_token_per_layer, model_info
+    from deepseek_jax.infer.cache import cache_bytes_per_token
+
+    cfg = _cfg(kind, **MIXED)
+    size = 256
+    measured = cache_bytes_per_token(init_cache(cfg, 2, size, stacked=False))
+    want = 4 * cfg.n_layers * kv_cache_elements_per_token_per_layer(cfg)
+    width = 24 if kind == "mla" else 32  # one compressed block: (c + r), or k and v 2 g h
+    short = (MIXED["cmp_block"] - MIXED["cmp_stride"]) // MIXED["cmp_stride"]  # blocks the cache has fewer
+    assert measured == pytest.approx(want - 4 * cfg.n_layers * short * width / size, rel=1e-9)
+    keys = model_info(cfg.replace(max_position_embeddings=8192))["decode_keys_per_step"]
+    l, d, n, lp, w = 4, 2, 3, 8, 6
+    assert keys == {n_: {"sparse": (n_ - l) // d + 1 + n * lp + w, "dense": n_} for n_ in (1024, 4096, 8192)}

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.nsa import decode_keys
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.transformer import abstract_variables
 
@@ -32,9 +33,17 @@ __all__ = ["ParamCounts", "param_counts", "model_info", "kv_cache_elements_per_t
            "peak_flops", "best_seconds"]
 
 
-def kv_cache_elements_per_token_per_layer(cfg: ModelConfig) -> int:
+def kv_cache_elements_per_token_per_layer(cfg: ModelConfig) -> float:
+    """Cached values per token and layer: MLA's latent ``c + r``, or K and V ``2 g h``. NSA adds the unrotated
+    rotary dims (``r``, or the whole key ``g h``) and one compressed block per ``d`` tokens (``(c + r) / d``, or
+    ``2 g h / d``): a float then."""
     a = cfg.attention
-    return a.kv_lora_rank + a.qk_rope_head_dim if a.kind == "mla" else 2 * a.kv_heads * a.head_dim
+    key = a.kv_lora_rank + a.qk_rope_head_dim if a.kind == "mla" else a.kv_heads * a.head_dim
+    dense = key if a.kind == "mla" else 2 * key
+    if a.sparse is None:
+        return dense
+    raw = a.qk_rope_head_dim if a.kind == "mla" else key
+    return dense + raw + dense / a.sparse.cmp_stride
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,21 @@ def model_info(cfg: ModelConfig) -> dict[str, Any]:
         "kv_cache_bytes_per_token": 2 * kv * cfg.n_layers,
         "n_layers": cfg.n_layers,
         "attention": cfg.attention.kind,
+        "decode_keys_per_step": decode_key_counts(cfg),
         "eval_shape_seconds": round(seconds, 3),
     }
+
+
+def decode_key_counts(cfg: ModelConfig) -> dict[int, dict[str, int]] | None:
+    """Keys (KV entries) one decode step reads per layer at context lengths 1k, 4k, 8k, 32k, 64k and
+    ``max_position_embeddings`` (those up to it), sparse beside dense; None for dense attention. NSA:
+    ``floor((s - l) / d) + 1 + n l' + w`` (:func:`~deepseek_jax.kernels.nsa.decode_keys`, paper Table 4)."""
+    s = cfg.attention.sparse
+    if s is None:
+        return None
+    top = cfg.max_position_embeddings
+    lengths = sorted({n for n in (1024, 4096, 8192, 32768, 65536) if n <= top} | {top})
+    return {n: {"sparse": decode_keys(n, s.shape), "dense": n} for n in lengths}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -77,11 +77,11 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, kind: str = "latent", dt
 def cache_bytes_per_token(cache: dict, include_mtp: bool = False) -> float:
     """Bytes the cache arrays hold per (sequence, position), over every layer of the main model (and the
     MTP modules when ``include_mtp``), measured from the arrays."""
-    total, per = 0, None
+    total, per = 0, 0
     for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]:
         if tree.is_mtp(tree.keys(path)[0]) and not include_mtp:
             continue
         lead = 1 if tree.is_stacked(path) else 0
-        per = x.shape[lead] * x.shape[lead + 1]
+        per = max(per, x.shape[lead] * x.shape[lead + 1])  # sequences x positions (NSA's block caches are shorter)
         total += x.size * x.dtype.itemsize
     return total / per if per else 0.0

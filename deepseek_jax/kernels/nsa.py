@@ -301,7 +301,7 @@ def nsa_decode(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: jax.
 
 def decode_keys(length: int, shape: NSAShape) -> int:
     """Keys one decode step reads at context ``length`` (analytic, paper Table 4): every complete compressed
-    block, ``n`` selection blocks of ``l'`` tokens and the window, ``floor((s - l) / d) + 1 + n l' + w``
-    (each term capped by what the context holds)."""
-    sel = min(shape.slc_count * shape.slc_block, length)
-    return compressed_blocks(length, shape) + sel + min(shape.window, length)
+    block, ``n`` selection blocks of ``l'`` tokens and the window, ``floor((s - l) / d) + 1 + n l' + w``; the
+    raw tokens of the last two terms counted at most once each (``length``) on short contexts."""
+    raw = min(shape.slc_count * shape.slc_block + shape.window, length)
+    return compressed_blocks(length, shape) + raw
