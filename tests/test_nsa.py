@@ -90,6 +90,17 @@ def test_overlap_weights_and_the_degenerate_case():
     np.testing.assert_array_equal(nsa.overlap_weights(70, same), np.eye(4, 5))  # l = d = l': p_slc = p_cmp
 
 
+@pytest.mark.parametrize("sizes,t", [((32, 16, 64), 256), ((32, 16, 64), 200), ((8, 4, 16), 45), ((16, 16, 16), 70),
+                                     ((8, 2, 8), 37), ((4, 4, 32), 33)])
+def test_block_importance_equals_the_overlap_matrix_product(sizes, t):
+    l, d, lp = sizes
+    shape = nsa.NSAShape(cmp_block=l, cmp_stride=d, slc_block=lp, slc_count=4)
+    nb = nsa.compressed_blocks(t, shape)
+    p = np.random.default_rng(t).uniform(size=(2, 3, nb))
+    want = p @ nsa.overlap_weights(t, shape)
+    np.testing.assert_allclose(np.asarray(nsa.block_importance(jnp.asarray(p), t, shape)), want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["dense", "gather"])
 @pytest.mark.parametrize("branch", ["slc", "win", "cmp"])
 def test_one_branch_covering_the_sequence_is_dense_causal_attention(branch, impl):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["NSAShape", "compressed_blocks", "block_tokens", "compress_mean", "compress_mlp", "overlap_weights",
-           "select_blocks", "nsa_attention", "new_blocks", "nsa_decode", "decode_keys"]
+           "block_importance", "select_blocks", "nsa_attention", "new_blocks", "nsa_decode", "decode_keys"]
 
 NEG = -1e30  # a finite "minus infinity": masked scores stay finite, so no NaN reaches a gradient
 
@@ -106,6 +106,22 @@ def overlap_weights(t: int, shape: NSAShape) -> np.ndarray:
     return np.maximum(hi - lo, 0).astype(np.float32) / d
 
 
+def block_importance(p_cmp: jax.Array, t: int, shape: NSAShape) -> jax.Array:
+    """``p_cmp [..., nb]`` (compressed-block probabilities, ``nb = compressed_blocks(t)``) -> ``[..., ns]``
+    selection-block importance ``sum_i p_cmp[i] overlap_weights(t)[i, j]`` without the ``[nb, ns]`` matrix:
+    block ``j k + m`` (``k = l' / d``) overlaps selection block ``j`` by a weight that depends on ``m`` only,
+    ``-(l/d - 1) <= m < k``, so the sum is ``l/d - 1 + k`` strided slices: linear in ``nb``, not ``nb * ns``."""
+    l, d, lp = shape.cmp_block, shape.cmp_stride, shape.slc_block
+    k, lead = lp // d, l // d - 1
+    nb, ns = p_cmp.shape[-1], -(-t // lp)
+    pad = jnp.pad(p_cmp, [(0, 0)] * (p_cmp.ndim - 1) + [(lead, ns * k - nb)])
+    out = 0.0
+    for m in range(-lead, k):
+        w = (min(m * d + l, lp) - max(m * d, 0)) / d
+        out = out + w * pad[..., m + lead: m + lead + (ns - 1) * k + 1: k]
+    return out
+
+
 def select_blocks(importance: jax.Array, positions: jax.Array, shape: NSAShape,
                   times: jax.Array | None = None) -> jax.Array:
     """``importance [b, g, t, ns]``, ``positions [b, t]`` -> ``[b, g, t, n]`` int32 selection-block indices:
@@ -163,7 +179,7 @@ def _pad_time(x, n, value=0):
     return jnp.pad(x, ((0, 0), (0, n - x.shape[1])) + ((0, 0),) * (x.ndim - 2), constant_values=value)
 
 
-def _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk):
+def _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk, unroll=False):
     """The same outputs with block-granular gathers, ``chunk`` queries at a time (``lax.map``): per chunk the
     ``n`` selected blocks ``[b, g, c, n, l', D]`` and the ``c + w - 1`` keys its windows span; memory grows
     with ``t`` only through the compressed branch."""
@@ -204,14 +220,19 @@ def _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk):
         o_win = jnp.einsum("bgrcs,bsgd->bcgrd", p.astype(vc_.dtype), vc_)
         return o_slc, o_win
 
-    o_slc, o_win = jax.lax.map(one, jnp.arange(0, tp, c))  # [chunks, b, c, g, r, Dv]
+    if unroll:  # the same numbers; every chunk visible to XLA's cost analysis, which counts a loop body once
+        outs = [one(c0) for c0 in range(0, tp, c)]
+        o_slc, o_win = (jnp.stack([o[i] for o in outs]) for i in (0, 1))
+    else:
+        # the backward recomputes each chunk's gathers instead of keeping every chunk's [b, g, c, n, l', D] blocks
+        o_slc, o_win = jax.lax.map(jax.checkpoint(one), jnp.arange(0, tp, c))  # [chunks, b, c, g, r, Dv]
     merge = lambda o: o.transpose(1, 0, 2, 3, 4, 5).reshape((b, tp) + o.shape[3:])[:, :t]  # noqa: E731
     return merge(o_slc), merge(o_win)
 
 
 def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: jax.Array, gates: jax.Array,
                   segment_ids: jax.Array, positions: jax.Array, scale: float, shape: NSAShape, impl: str = "dense",
-                  chunk: int = 64) -> jax.Array:
+                  chunk: int = 64, unroll: bool = False) -> jax.Array:
     """NSA output ``[b, t, h, Dv]`` (see the module docstring).
 
     Args:
@@ -221,7 +242,8 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: j
         win gates. segment_ids, positions: ``[b, t]`` (a query sees only keys of its own segment id, as in
         the dense attention kernel). scale: the softmax scale.
       impl: ``dense`` (``[b, g, t, t]`` masks: the oracle) or ``gather`` (whole selected blocks gathered for
-        ``chunk`` queries at a time; the same numbers).
+        ``chunk`` queries at a time; the same numbers). unroll: the chunks as a Python loop instead of
+        ``lax.map`` (for ``cost_analysis``, which counts a loop body once; a bigger program to compile).
     """
     if impl not in ("dense", "gather"):
         raise ValueError(f"impl={impl!r} must be 'dense' or 'gather'")
@@ -236,12 +258,11 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: j
     cmp_mask = (same_doc & (ends[None, None] <= jnp.arange(t)[None, :, None]))[:, None]  # [b, 1, t, nb]
     o_cmp, p_cmp = _masked_attention(qg, kc, vc, jnp.broadcast_to(cmp_mask, (b, g, t, nb)), scale)
     # selection: importance from the compressed probabilities, summed over the group's heads
-    importance = jnp.einsum("bgrti,ij->bgtj", p_cmp, jnp.asarray(overlap_weights(t, shape)))
-    sel = select_blocks(importance, positions, shape)  # [b, g, t, n]
+    sel = select_blocks(block_importance(p_cmp.sum(2), t, shape), positions, shape)  # [b, g, t, n]
     if impl == "dense":
         o_slc, o_win = _dense_branches(qg, k, v, sel, segment_ids, scale, shape)
     else:
-        o_slc, o_win = _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk)
+        o_slc, o_win = _gathered_branches(qg, k, v, sel, segment_ids, scale, shape, chunk, unroll)
     return _mix(gates, o_cmp, o_slc, o_win)
 
 
@@ -280,8 +301,7 @@ def nsa_decode(q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array, vc: jax.
     t = positions[:, :, None]  # [b, tn, 1]
     vis = jnp.arange(nb) * shape.cmp_stride + shape.cmp_block - 1 <= t  # [b, tn, nb]
     o_cmp, p_cmp = _masked_attention(qg, kc, vc, jnp.broadcast_to(vis[:, None], (b, g, tn, nb)), scale)
-    importance = jnp.einsum("bgrti,ij->bgtj", p_cmp, jnp.asarray(overlap_weights(size, shape)))
-    sel = select_blocks(importance, positions, shape, times=positions)  # [b, g, tn, n]
+    sel = select_blocks(block_importance(p_cmp.sum(2), size, shape), positions, shape, times=positions)
     sp = -(-size // lp) * lp
     kb, vb = (_pad_time(x, sp).reshape(b, sp // lp, lp, g, -1).transpose(0, 3, 1, 2, 4) for x in (k, v))
     blk = jnp.maximum(sel, 0)

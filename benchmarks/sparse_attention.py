@@ -1,0 +1,129 @@
+"""Sparse vs dense attention: compiled FLOPs and temporary memory vs context length, and decode steps per second.
+
+For each length it compiles (on this backend, nothing run) one attention layer's core, forward or forward +
+backward: dense causal attention (masked softmax over every earlier key) and NSA's block-gather path
+(:func:`deepseek_jax.kernels.nsa.nsa_attention`, compressed keys included; FLOPs from a compile with
+``unroll=True``, since XLA's cost analysis counts a loop body once; memory from the ``lax.map`` program).
+Then it times one decode step (one new token
+against caches of that length): dense attention over every slot vs :func:`~deepseek_jax.kernels.nsa.nsa_decode`.
+Shapes: MLA's absorbed form by default (every head against one 576-wide latent key, 512-wide values, as
+DeepSeek-V3), or ``--form gqa`` (the NSA paper's backbone: 4 groups, keys 192 and values 128 wide).
+
+Prints JSON (config, results, provenance)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deepseek_jax.kernels import nsa  # noqa: E402
+from _provenance import provenance, time_fn  # noqa: E402
+
+FORMS = {"mla": dict(groups=1, dk=576, dv=512), "gqa": dict(groups=4, dk=192, dv=128)}
+
+
+def dense(q, k, v, scale):
+    """Causal attention, ``q [b, t, h, D]`` against ``k [b, t, g, D]`` (heads grouped in order)."""
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    s = jnp.einsum("btgrd,bsgd->bgrts", q.reshape(b, t, g, h // g, d), k) * scale
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    o = jnp.einsum("bgrts,bsgd->btgrd", jax.nn.softmax(s, -1), v)
+    return o.reshape(b, t, h, -1)
+
+
+def sparse(q, k, v, gates, shape, scale, chunk, unroll):
+    b, t = q.shape[:2]
+    seg = jnp.zeros((b, t), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    kc, vc = (nsa.compress_mean(nsa.block_tokens(x, shape)) for x in (k, v))
+    return nsa.nsa_attention(q, k, v, kc, vc, gates, seg, pos, scale, shape, "gather", chunk, unroll=unroll)
+
+
+def _compile(fn, args, grad):
+    f = jax.jit(jax.grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2))) if grad else jax.jit(fn)
+    t0 = time.perf_counter()
+    c = f.lower(*args).compile()
+    cost = c.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost), c.memory_analysis(), time.perf_counter() - t0
+
+
+def _compiled(fn, args, grad, fn_for_flops=None):
+    """FLOPs (of ``fn_for_flops`` when given: the same computation without loops) and temporary bytes."""
+    cost, mem, sec = _compile(fn, args, grad)
+    if fn_for_flops is not None:
+        cost, _, sec2 = _compile(fn_for_flops, args, grad)
+        sec += sec2
+    return {"flops": float(cost["flops"]), "temp_bytes": int(mem.temp_size_in_bytes), "compile_s": round(sec, 1)}
+
+
+def _decode_step_s(size, args, shape, scale):
+    """Seconds per decode step of one token against caches of ``size`` slots (the query at the last one)."""
+    rng = np.random.default_rng(0)
+    f, h = FORMS[args.form], args.heads
+    q = jnp.asarray(rng.normal(size=(1, 1, h, f["dk"])), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, size, f["groups"], f["dk"])), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, size, f["groups"], f["dv"])), jnp.float32)
+    kc, vc = (nsa.compress_mean(nsa.block_tokens(x, shape)) for x in (k, v))
+    gates = jnp.full((1, 1, h, 3), 0.5, jnp.float32)
+    pos = jnp.full((1, 1), size - 1, jnp.int32)
+
+    def dense_step(q, k, v):
+        g = k.shape[2]
+        s = jnp.einsum("btgrd,bsgd->bgrts", q.reshape(1, 1, g, h // g, -1), k) * scale
+        return jnp.einsum("bgrts,bsgd->btgrd", jax.nn.softmax(s, -1), v)
+
+    sparse_step = jax.jit(lambda q, k, v, kc, vc, g, p: nsa.nsa_decode(q, k, v, kc, vc, g, p, scale, shape))
+    return (time_fn(jax.jit(dense_step), q, k, v, iters=args.iters),
+            time_fn(sparse_step, q, k, v, kc, vc, gates, pos, iters=args.iters))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,2048,4096,8192")
+    ap.add_argument("--form", choices=sorted(FORMS), default="mla")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--grad", action="store_true", help="forward + backward instead of forward")
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-decode", action="store_true")
+    args = ap.parse_args()
+    shape = nsa.NSAShape()  # the paper's sizes: l 32, d 16, l' 64, n 16, w 512
+    f = FORMS[args.form]
+    scale = f["dk"] ** -0.5
+    rows = []
+    for t in (int(x) for x in args.lengths.split(",")):
+        rng = np.random.default_rng(t)
+        q = jnp.asarray(rng.normal(size=(1, t, args.heads, f["dk"])), jnp.float32)
+        k = jnp.asarray(rng.normal(size=(1, t, f["groups"], f["dk"])), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(1, t, f["groups"], f["dv"])), jnp.float32)
+        gates = jnp.full((1, t, args.heads, 3), 0.5, jnp.float32)
+        row = {"length": t,
+               "dense": _compiled(lambda q, k, v: dense(q, k, v, scale), (q, k, v), args.grad),
+               "nsa": _compiled(lambda q, k, v: sparse(q, k, v, gates, shape, scale, args.chunk, False), (q, k, v),
+                                args.grad, lambda q, k, v: sparse(q, k, v, gates, shape, scale, args.chunk, True)),
+               "decode_keys": {"nsa": nsa.decode_keys(t, shape), "dense": t}}
+        if not args.no_decode:
+            d, s = _decode_step_s(t, args, shape, scale)
+            row["decode_steps_per_s"] = {"dense": round(1 / d, 1), "nsa": round(1 / s, 1)}
+        if rows:
+            for kind in ("dense", "nsa"):
+                row[kind]["flops_ratio_to_previous"] = round(row[kind]["flops"] / rows[-1][kind]["flops"], 3)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    print(json.dumps({"benchmark": "sparse_attention", "form": args.form, "heads": args.heads, **FORMS[args.form],
+                      "grad": args.grad, "chunk": args.chunk, "nsa_shape": vars(shape), "results": rows,
+                      **provenance()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
