@@ -30,6 +30,7 @@ import numpy as np
 
 from deepseek_jax.analysis.params import model_info
 from deepseek_jax.config import ModelConfig, YarnConfig
+from deepseek_jax.config_io import plain
 from deepseek_jax.infer.cache import cache_bytes_per_token, init_cache
 from deepseek_jax.infer.engine import generate
 from deepseek_jax.nn import tree
@@ -203,6 +204,7 @@ def niah_eval(cfg: ModelConfig, variables: dict, *, task: str = "kv", lengths: S
                 "samples": samples, "seed": seed, "scoring": scoring, "filler_words": filler_words,
                 "train_length": train_length, "rope_theta": rope.theta,
                 "yarn": dataclasses.asdict(rope.yarn) if rope.yarn else None, "attention": cfg.attention.kind,
+                "sparse": plain(dataclasses.asdict(cfg.attention.sparse)) if cfg.attention.sparse else None,
                 "max_position_embeddings": cfg.max_position_embeddings, "checkpoint_sha256": variables_hash(variables)}
     return {"settings": settings, "cells": cells, "by_length": by_length, "kv_cache": _cache_report(cfg, lengths),
             "seconds": round(time.perf_counter() - t0, 2)}

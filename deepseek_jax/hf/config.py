@@ -120,6 +120,9 @@ def config_from_hf(path_or_dict: str | Path | dict[str, Any]) -> ModelConfig:
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The ``transformers`` architecture that computes exactly what ``cfg`` does."""
+    if cfg.attention.sparse is not None:
+        raise ValueError(f"attention.sparse (kind {cfg.attention.sparse.kind!r}) has no transformers counterpart; "
+                         "export a dense model (drop attention.sparse)")
     if cfg.attention.kind != "mla":
         if cfg.moe is not None:
             raise ValueError("attention.kind='mha'/'gqa' with moe has no transformers counterpart")
