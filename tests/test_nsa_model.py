@@ -191,8 +191,10 @@ def test_greedy_generate_equals_greedy_over_whole_sequences(kind):
     fwd = jax.jit(lambda v, t: dsj.Transformer(cfg).apply(v, t).logits)
     for p, g in zip(prompts, got):
         seq = list(p)
-        for _ in range(20):
-            seq.append(int(np.argmax(np.asarray(fwd(variables, jnp.asarray([seq], jnp.int32)))[0, -1])))
+        for _ in range(20):  # one shape: the model is causal, so what follows position len - 1 changes nothing
+            row = np.zeros((1, 32), np.int32)
+            row[0, :len(seq)] = seq
+            seq.append(int(np.argmax(np.asarray(fwd(variables, jnp.asarray(row)))[0, len(seq) - 1])))
         assert g == seq[len(p):]
 
 
