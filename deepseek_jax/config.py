@@ -107,9 +107,13 @@ class SparseConfig:
     ``mean``. ``impl``: ``gather`` (blocks gathered for ``chunk`` queries at a time) or ``dense`` (masks; the
     oracle). Paper defaults below; the tiny presets shrink them. Valid for MLA (one group: the absorbed form)
     and MHA/GQA (``n_kv_heads`` groups).
+
+    ``kind="dsa"`` (DeepSeek Sparse Attention, V3.2; MLA with q-LoRA only): a lightning indexer of
+    ``index_heads`` heads of ``index_head_dim`` (the first ``qk_rope_head_dim`` rotated) scores every earlier
+    token, and each query attends to its ``topk`` best (all of them when ``topk`` >= the length).
     """
 
-    kind: Literal["nsa"]
+    kind: Literal["nsa", "dsa"]
     cmp_block: int = 32
     cmp_stride: int = 16
     slc_block: int = 64
@@ -122,20 +126,21 @@ class SparseConfig:
     gate_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
     impl: Literal["gather", "dense"] = "gather"
     chunk: int = 64
+    index_heads: int = 64
+    index_head_dim: int = 128
+    topk: int = 2048
 
     def __post_init__(self):
-        if self.kind != "nsa":
-            _fail("attention.sparse.kind", self.kind, "must be 'nsa'")
+        if self.kind not in ("nsa", "dsa"):
+            _fail("attention.sparse.kind", self.kind, "must be 'nsa' or 'dsa'")
+        for n in ("compress_hidden", "chunk", "index_heads", "index_head_dim", "topk"):
+            v, low = getattr(self, n), 0 if n == "compress_hidden" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                _fail(f"attention.sparse.{n}", v, f"must be an integer >= {low}")
         self.shape  # validates the block sizes, naming the field
-        if self.compress not in ("mlp", "mean"):
-            _fail("attention.sparse.compress", self.compress, "must be 'mlp' or 'mean'")
-        if self.impl not in ("gather", "dense"):
-            _fail("attention.sparse.impl", self.impl, "must be 'gather' or 'dense'")
-        for n in ("compress_hidden", "chunk"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or v < (0 if n == "compress_hidden" else 1):
-                _fail(f"attention.sparse.{n}", v, "must be a " + ("non-negative" if n == "compress_hidden"
-                                                                   else "positive") + " integer")
+        for n, ok in (("compress", ("mlp", "mean")), ("impl", ("gather", "dense"))):
+            if getattr(self, n) not in ok:
+                _fail(f"attention.sparse.{n}", getattr(self, n), f"must be one of {ok}")
         bias = tuple(float(b) for b in self.gate_bias) if isinstance(self.gate_bias, (list, tuple)) else ()
         if len(bias) != 3:
             _fail("attention.sparse.gate_bias", self.gate_bias, "must be three numbers (cmp, slc, win)")
@@ -183,6 +188,13 @@ class AttentionConfig:
                 _fail("attention.qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
             if self.n_kv_heads not in (None, self.n_heads):
                 _fail("attention.n_kv_heads", self.n_kv_heads, "must be unset for kind='mla'")
+            if self.sparse is not None and self.sparse.kind == "dsa":
+                if self.q_lora_rank <= 0:
+                    _fail("attention.q_lora_rank", self.q_lora_rank, "must be positive with attention.sparse.kind="
+                          "'dsa' (the indexer's queries come from the q-LoRA latent)")
+                if self.sparse.index_head_dim <= self.qk_rope_head_dim:
+                    _fail("attention.sparse.index_head_dim", self.sparse.index_head_dim,
+                          f"must exceed qk_rope_head_dim={self.qk_rope_head_dim} (its first dims are rotated)")
         else:
             for n in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, n):
@@ -196,6 +208,8 @@ class AttentionConfig:
                 _fail("attention.n_kv_heads", self.n_kv_heads, "must equal n_heads for kind='mha' (use 'gqa')")
             if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
                 _fail("attention.head_dim", self.head_dim, "must be a positive even integer")
+            if self.sparse is not None and self.sparse.kind == "dsa":
+                _fail("attention.sparse.kind", "dsa", f"needs attention.kind='mla' with q-LoRA, not {self.kind!r}")
 
     @property
     def kv_heads(self) -> int:

@@ -76,3 +76,176 @@ def test_indexer_kl_equals_its_formula_and_trains_the_indexer_only():
         p = np.where(mask, probs.sum(1), 0)
         p = p / p.sum(-1, keepdims=True)
         np.testing.assert_allclose(np.asarray(gs), (q - p) / (b * t), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DSA inside MLA (attention.sparse.kind: dsa)
+
+import optax  # noqa: E402
+
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.config import config_from_dict  # noqa: E402
+
+T = 37
+MODEL = dict(vocab_size=64, d_model=32, n_layers=2, intermediate_size=64, max_position_embeddings=128,
+             attention=dict(kind="mla", n_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                            qk_rope_head_dim=8, v_head_dim=8))
+
+
+def _cfg(**sparse):
+    d = {**MODEL, "attention": {**MODEL["attention"]}}
+    if sparse:
+        d["attention"]["sparse"] = {"kind": "dsa", "index_heads": 4, "index_head_dim": 16, **sparse}
+    return config_from_dict(d)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 64, (2, T)).astype(np.int32)
+    seg = np.ones((2, T), np.int32)
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (2, T)).copy()
+    seg[1, 22:], pos[1, 22:] = 2, np.arange(T - 22)
+    return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
+
+
+def _apply(cfg, variables, tokens, pos, seg, **kw):
+    return dsj.Transformer(cfg).apply(variables, tokens, positions=pos, segment_ids=seg, **kw)
+
+
+def _split(params):
+    """(indexer subtrees zeroed elsewhere, everything else): which leaves are the indexer's."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(p): "'indexer'" in jax.tree_util.keystr(p) for p, _ in flat}
+
+
+def _drop_indexer(tree):
+    return {k: _drop_indexer(v) for k, v in tree.items() if k != "indexer"} if isinstance(tree, dict) else tree
+
+
+def test_dsa_with_topk_covering_the_sequence_is_bitwise_dense_mla():
+    cfg = _cfg(topk=T)
+    variables = dsj.init_variables(cfg, 0)
+    batch = _batch()
+    got = jax.jit(lambda v: _apply(cfg, v, *batch).logits)(variables)
+    dense = _cfg()
+    want = jax.jit(lambda v: _apply(dense, v, *batch).logits)(_drop_indexer(dict(variables)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_dsa_is_causal_and_documents_are_exact_and_the_mask_matters():
+    cfg = _cfg(topk=4)
+    variables = dsj.init_variables(cfg, 1)
+    tokens, pos, seg = _batch(1)
+    run = jax.jit(lambda t: _apply(cfg, variables, t, pos, seg).logits)
+    base = np.asarray(run(tokens))
+    cut = 15
+    future = tokens.at[:, cut + 1:].set((tokens[:, cut + 1:] + 7) % 64)
+    np.testing.assert_array_equal(np.asarray(run(future))[:, :cut + 1], base[:, :cut + 1])
+    other = tokens.at[1, :22].set((tokens[1, :22] + 5) % 64)
+    np.testing.assert_array_equal(np.asarray(run(other))[1, 22:], base[1, 22:])
+    dense = np.asarray(jax.jit(lambda v: _apply(_cfg(), v, tokens, pos, seg).logits)(_drop_indexer(dict(variables))))
+    assert np.abs(dense[:, :4] - base[:, :4]).max() < 1e-6  # up to k keys visible: nothing masked
+    assert np.abs(dense[:, 8:] - base[:, 8:]).max() > 1e-4  # later: 4 keys of many
+
+
+def test_the_lm_loss_never_reaches_the_indexer_and_the_kl_reaches_only_it():
+    cfg = _cfg(topk=5)
+    variables = dsj.init_variables(cfg, 2)
+    tokens, pos, seg = _batch(2)
+
+    def losses(params):
+        out, inter = _apply(cfg, {**variables, "params": params}, tokens, pos, seg, mutable=["intermediates"])
+        lm = -jax.nn.log_softmax(out.logits)[:, :-1].max(-1).mean()
+        kl = sum(jnp.sum(x) for x in jax.tree.leaves(inter["intermediates"]))
+        return lm, kl
+
+    g_lm = jax.jit(jax.grad(lambda p: losses(p)[0]))(variables["params"])
+    g_kl = jax.jit(jax.grad(lambda p: losses(p)[1]))(variables["params"])
+    is_indexer = _split(variables["params"])
+    flat_lm = {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(g_lm)}
+    flat_kl = {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(g_kl)}
+    assert any(is_indexer.values())
+    for k, idx in is_indexer.items():
+        if idx:
+            assert not flat_lm[k].any(), k
+            assert np.abs(flat_kl[k]).max() > 0, k
+        else:
+            assert not flat_kl[k].any(), k
+    assert float(losses(variables["params"])[1]) > 0
+
+
+def test_a_dense_warm_up_of_the_indexer_lowers_its_kl():
+    """Stage 1 in miniature: k >= length (dense attention), only the indexer trained, on the KL alone. Weights
+    drawn wide (std 0.3) so that attention is far from uniform (at std 0.006 both distributions are)."""
+    cfg = _cfg(topk=T).replace(init_std=0.3)
+    variables = dsj.init_variables(cfg, 3)
+    tokens, pos, seg = _batch(3)
+    is_indexer = _split(variables["params"])
+    labels = jax.tree_util.tree_map_with_path(
+        lambda p, _: "train" if is_indexer[jax.tree_util.keystr(p)] else "freeze", variables["params"])
+    opt = optax.multi_transform({"train": optax.adam(1e-2), "freeze": optax.set_to_zero()}, labels)
+
+    def kl(params):
+        _, inter = _apply(cfg, {**variables, "params": params}, tokens, pos, seg, mutable=["intermediates"])
+        return sum(jnp.sum(x) for x in jax.tree.leaves(inter["intermediates"]))
+
+    @jax.jit
+    def step(params, state):
+        loss, g = jax.value_and_grad(kl)(params)
+        upd, state = opt.update(g, state, params)
+        return optax.apply_updates(params, upd), state, loss
+
+    params, state = variables["params"], opt.init(variables["params"])
+    seen = []
+    for _ in range(60):
+        params, state, loss = step(params, state)
+        seen.append(float(loss))
+    print(seen[0], seen[-1])
+    assert seen[0] > 0.05 and seen[-1] < 0.5 * seen[0]
+    frozen = [(a, b) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(variables["params"]),
+                                          jax.tree.leaves(params)) if not is_indexer[jax.tree_util.keystr(p)]]
+    assert all(np.array_equal(a, b) for a, b in frozen)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_dsa_cached_decoding_equals_the_parallel_forward(chunk):
+    from test_nsa_model import _cached
+
+    cfg = _cfg(topk=5)
+    variables = dsj.init_variables(cfg, 4)
+    rng = np.random.default_rng(4)
+    seqs = rng.integers(0, 64, (4, 30)).astype(np.int32)
+    full = np.asarray(_apply(cfg, variables, jnp.asarray(seqs), jnp.asarray(np.broadcast_to(np.arange(30), (4, 30))),
+                             jnp.ones((4, 30), jnp.int32)).logits)
+    got = _cached(cfg, variables, seqs, np.array([3, 13, 1, 9], np.int32), size=37, chunk=chunk)
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(attention=dict(kind="gqa", n_heads=4, n_kv_heads=2, head_dim=8, sparse=dict(kind="dsa"))),
+     "attention.sparse.kind='dsa' needs attention.kind='mla'"),
+    (dict(attention={**MODEL["attention"], "q_lora_rank": 0, "sparse": dict(kind="dsa")}),
+     "attention.q_lora_rank=0 must be positive with attention.sparse.kind='dsa'"),
+    (dict(attention={**MODEL["attention"], "sparse": dict(kind="dsa", index_head_dim=8)}),
+     "attention.sparse.index_head_dim=8 must exceed qk_rope_head_dim=8"),
+    (dict(attention={**MODEL["attention"], "sparse": dict(kind="dsa", topk=0)}),
+     "attention.sparse.topk=0 must be an integer >= 1"),
+])
+def test_dsa_config_errors_name_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict({**MODEL, **change})
+
+
+def test_dsa_greedy_generate_equals_greedy_over_whole_sequences():
+    cfg = _cfg(topk=5)
+    variables = dsj.init_variables(cfg, 5)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 11, 2, 6, 13, 1]]
+    got = dsj.generate(cfg, variables, prompts, 20)
+    fwd = jax.jit(lambda v, t: dsj.Transformer(cfg).apply(v, t).logits)
+    for p, g in zip(prompts, got):
+        seq = list(p)
+        for _ in range(20):  # one padded shape (the model is causal)
+            row = np.zeros((1, 32), np.int32)
+            row[0, :len(seq)] = seq
+            seq.append(int(np.argmax(np.asarray(fwd(variables, jnp.asarray(row)))[0, len(seq) - 1])))
+        assert g == seq[len(p):]

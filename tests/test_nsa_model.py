@@ -117,9 +117,9 @@ def test_every_nsa_parameter_gets_a_finite_gradient(kind):
     ("cmp_stride", 3, "attention.sparse.cmp_stride=3 must divide"),
     ("slc_count", 2, "attention.sparse.slc_count=2 must be at least"),
     ("kind", "sparse", "attention.sparse.kind='sparse'"),
-    ("compress", "max", "attention.sparse.compress='max'"),
+    ("compress", "max", "attention.sparse.compress='max' must be one of"),
     ("gate_bias", [1, 2], "attention.sparse.gate_bias"),
-    ("chunk", 0, "attention.sparse.chunk=0"),
+    ("chunk", 0, "attention.sparse.chunk=0 must be an integer >= 1"),
 ])
 def test_config_errors_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match.replace("[", r"\[")):

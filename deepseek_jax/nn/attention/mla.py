@@ -33,7 +33,8 @@ from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
 from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
 from deepseek_jax.nn.attention.common import HEADS, masked_softmax
-from deepseek_jax.nn.attention.sparse import NSA
+from deepseek_jax.kernels.dsa import indexer_kl, topk_mask, visible
+from deepseek_jax.nn.attention.sparse import NSA, Indexer
 from deepseek_jax.nn.layers import RMSNorm, linear, param
 from deepseek_jax.nn.rope import apply_rope
 from deepseek_jax.parallel.rules import constrain
@@ -96,29 +97,39 @@ class MLA(nn.Module):
         k_rope = apply_rope(kv[..., kc:], positions, c.rope)  # [b, s, r], shared by all heads
         wkv_b = param(self, "wkv_b", (kc, n, p + vd), ("kv_latent", "heads", "kv_head"), std, pd, gather=False)
         wo = param(self, "wo", (n, vd, c.d_model), ("heads", "v_head", "embed"), std, pd, n_in=2, gather=False)
-        if a.sparse is not None:  # NSA over the latent, in the absorbed (one-group) form
+        keep = None  # DSA: the keys each query reads, [b, t, s] (None: every visible key)
+        if a.sparse is not None and a.sparse.kind == "dsa":
+            index_scores, keep = self._dsa_keep(x, cq, positions, segment_ids)
+        elif a.sparse is not None:  # NSA over the latent, in the absorbed (one-group) form
             out = self._sparse(x, q_nope, q_rope, c_kv, kv[..., kc:], k_rope, wkv_b.gathered(), positions, segment_ids)
             return linear(checkpoint_name(out, "attn_out"), wo, n_in=2, fp8=c.fp8)
         if self.cache is not None and self.cache.kind == "latent":
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, wkv_b.gathered(), positions)
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, wkv_b.gathered(), positions, keep)
             return linear(out, wo, n_in=2, fp8=c.fp8)
         kvb = constrain(linear(c_kv, wkv_b, fp8=c.fp8), *HEADS)
         k_nope, v = kvb[..., :p], kvb[..., p:]
         # per-head keys [k_nope | k_rope]: the rope key is shared by all heads
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + (r,))], -1)
         q = constrain(jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], -1), *HEADS)
-        if self.cache is None:  # training / no cache: the blocked core with its recomputing backward
+        if keep is not None and self.cache is None and self.is_mutable_collection(tree.INTERMEDIATES):
+            self._sow_indexer_kl(q, k, index_scores, keep)
+        if self.cache is None and (keep is None or a.sparse.topk >= x.shape[1]):
+            # training / no cache: the blocked core with its recomputing backward (DSA with k >= t: the same)
             out = causal_attention(q, constrain(k, *HEADS), v, segment_ids, c.softmax_scale, ATTENTION_BLOCK)
-        else:  # naive cache: the expanded per-head keys and the values
-            k = cache_update(self, "k", k, positions, self.cache)
-            v = cache_update(self, "v", v, positions, self.cache)
+        else:  # the expanded per-head keys and values (cached: every slot), masked
+            if self.cache is not None:
+                k = cache_update(self, "k", k, positions, self.cache)
+                v = cache_update(self, "v", v, positions, self.cache)
+                mask = cached_mask(positions, self.cache.size) & (True if keep is None else keep[:, None])
+            else:
+                mask = keep[:, None]
             scores = jnp.einsum("btnh,bsnh->bnts", q, k)
-            probs = masked_softmax(scores * c.softmax_scale, cached_mask(positions, self.cache.size), dt)
+            probs = masked_softmax(scores * c.softmax_scale, mask, dt)
             out = jnp.einsum("bnts,bsnv->btnv", probs, v)
         out = checkpoint_name(constrain(out, *HEADS), "attn_out")
         return linear(out, wo, n_in=2, fp8=c.fp8)
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, wkv_b, positions):
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, wkv_b, positions, keep=None):
         """Attention against the latent cache ``[c_kv | k_rope]`` with ``W_UK``/``W_UV`` absorbed: ``[b, t, n, v]``."""
         c = self.cfg
         p, kc = c.attention.qk_nope_head_dim, c.attention.kv_lora_rank
@@ -132,7 +143,8 @@ class MLA(nn.Module):
         q_lat = jnp.einsum("btnp,npc->btnc", q_nope, w_uk)
         # one product with the whole cache row [c_kv | k_rope] (slicing the cache would copy it every step)
         scores = jnp.einsum("bsl,btnl->bnts", latent, jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1))
-        probs = masked_softmax(scores * c.softmax_scale, cached_mask(positions, self.cache.size), q_nope.dtype)
+        mask = cached_mask(positions, self.cache.size) & (True if keep is None else keep[:, None])
+        probs = masked_softmax(scores * c.softmax_scale, mask, q_nope.dtype)
         o_lat = jnp.einsum("bnts,bsl->btnl", probs, latent)[..., :kc]
         return constrain(jnp.einsum("btnc,ncv->btnv", o_lat, w_uv), *HEADS)
 
@@ -149,3 +161,17 @@ class MLA(nn.Module):
         o_lat = NSA(c, rope_dim=r, shared_value=True, cache=self.cache, name="nsa")(
             x, q, key, key_raw, c_kv[:, :, None], positions, segment_ids)
         return constrain(jnp.einsum("btnc,cnv->btnv", o_lat, w[..., p:]), *HEADS)
+
+    def _dsa_keep(self, x, cq, positions, segment_ids):
+        """DSA: the indexer's scores of every key ``[b, t, s]`` (its inputs detached: the language-model loss
+        never reaches it, its KL never reaches the model) and the ``topk`` visible keys each query keeps."""
+        c = self.cfg
+        scores = Indexer(c, self.cache, name="indexer")(jax.lax.stop_gradient(x), jax.lax.stop_gradient(cq), positions)
+        ok = visible(segment_ids) if self.cache is None else cached_mask(positions, self.cache.size)[:, 0]
+        return scores, topk_mask(scores, ok, c.attention.sparse.topk)
+
+    def _sow_indexer_kl(self, q, k, scores, keep):
+        """``intermediates/indexer_kl``: the indexer's KL against the head-summed attention over the kept keys."""
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * self.cfg.softmax_scale
+        self.sow(tree.INTERMEDIATES, "indexer_kl", indexer_kl(masked_softmax(logits, keep[:, None], jnp.float32),
+                                                              scores, keep))

@@ -1,5 +1,6 @@
-"""Native Sparse Attention inside an attention layer: NSA's parameters (the compression MLP phi with its
-intra-block position encoding, the gate projection) around :func:`deepseek_jax.kernels.nsa.nsa_attention`.
+"""Sparse attention inside an attention layer. NSA: its parameters (the compression MLP phi with its intra-block
+position encoding, the gate projection) around :func:`deepseek_jax.kernels.nsa.nsa_attention`; DSA: the
+lightning indexer whose top-k mask MLA applies (:class:`Indexer`).
 
 GQA calls it with its per-group keys and values; MLA with its absorbed form, where every head attends to the
 one latent key ``[c_kv ; k_rope]`` and reads the latent ``c_kv`` as its value (one group, ``long-context.md``
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.dsa import indexer_scores
 from deepseek_jax.kernels.nsa import (block_tokens, compress_mean, compress_mlp, compressed_blocks, new_blocks,
                                      nsa_attention, nsa_decode)
 from deepseek_jax.nn import tree
@@ -22,7 +24,7 @@ from deepseek_jax.nn.attention.cache import CacheConfig, cache_update
 from deepseek_jax.nn.layers import param
 from deepseek_jax.nn.rope import apply_rope
 
-__all__ = ["NSA"]
+__all__ = ["NSA", "Indexer"]
 
 
 class NSA(nn.Module):
@@ -107,3 +109,32 @@ class NSA(nn.Module):
         w2 = param(self, f"phi_{name}_w2", (hid, d), (None, None), hid ** -0.5, pd)
         dt = blocks.dtype
         return compress_mlp(blocks, pos.astype(dt), w1.astype(dt), w2.astype(dt))
+
+
+class Indexer(nn.Module):
+    """DSA's lightning indexer (DeepSeek-V3.2): ``I [b, t, s]`` for queries ``t`` against every key slot ``s``.
+
+    ``q_I = cq W_q [b, t, H, d_I]`` from the q-LoRA latent, one key per token ``k_I = LayerNorm(x W_k)``, head
+    weights ``w = x W_w H^-1/2 d_I^-1/2``; RoPE on the first ``qk_rope_head_dim`` dims of both ([rope, nope]
+    order). With a ``cache`` the keys are cached (``[b, size, d_I]``) and ``s`` runs over the slots.
+    """
+
+    cfg: ModelConfig
+    cache: CacheConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, cq, positions):
+        c, s = self.cfg, self.cfg.attention.sparse
+        pd, std = jnp.dtype(c.param_dtype), c.init_std
+        h, d, r = s.index_heads, s.index_head_dim, c.attention.qk_rope_head_dim
+        wq = param(self, "wq", (c.attention.q_lora_rank, h, d), (None, None, None), std, pd)
+        wk = param(self, "wk", (c.d_model, d), ("embed", None), std, pd)
+        ww = param(self, "w_weights", (c.d_model, h), ("embed", None), std, pd)
+        q = jnp.einsum("btq,qhd->bthd", cq, wq.astype(cq.dtype))
+        k = nn.LayerNorm(epsilon=1e-6, dtype=x.dtype, param_dtype=pd, name="k_norm")(x @ wk.astype(x.dtype))
+        q = jnp.concatenate([apply_rope(q[..., :r], positions, c.rope), q[..., r:]], -1)
+        k = jnp.concatenate([apply_rope(k[..., :r], positions, c.rope), k[..., r:]], -1)
+        if self.cache is not None:
+            k = cache_update(self, "k", k, positions, self.cache)
+        w = (x @ ww.astype(x.dtype)) * (h ** -0.5 * d ** -0.5)
+        return indexer_scores(q, k, w)
