@@ -249,3 +249,15 @@ def test_dsa_greedy_generate_equals_greedy_over_whole_sequences():
             row[0, :len(seq)] = seq
             seq.append(int(np.argmax(np.asarray(fwd(variables, jnp.asarray(row)))[0, len(seq) - 1])))
         assert g == seq[len(p):]
+
+
+def test_dsa_on_a_mesh_equals_one_device():
+    cfg = _cfg(topk=5)
+    variables = dsj.init_variables(cfg, 6)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 64, (4, T)), jnp.int32)
+    mesh = dsj.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(np.asarray(dsj.forward(cfg, variables, tokens, mesh=mesh)),
+                               np.asarray(dsj.forward(cfg, variables, tokens)), rtol=1e-5, atol=1e-5)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9], [4], [10, 11]]
+    mesh = dsj.sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    assert dsj.generate(cfg, variables, prompts, 6, mesh=mesh) == dsj.generate(cfg, variables, prompts, 6)

@@ -216,3 +216,18 @@ def test_cache_bytes_and_decode_keys_in_info(kind):
     keys = model_info(cfg.replace(max_position_embeddings=8192))["decode_keys_per_step"]
     l, d, n, lp, w = 4, 2, 3, 8, 6
     assert keys == {n_: {"sparse": (n_ - l) // d + 1 + n * lp + w, "dense": n_} for n_ in (1024, 4096, 8192)}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_nsa_on_a_mesh_equals_one_device(kind):
+    """Batch over data/fsdp, heads over tensor, phi and the gates sharded over fsdp: the forward and greedy
+    decoding through the caches equal one device."""
+    cfg = _cfg(kind, **MIXED)
+    variables = dsj.init_variables(cfg, 5)
+    mesh = dsj.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, (4, T)), jnp.int32)
+    one = np.asarray(dsj.forward(cfg, variables, tokens))
+    np.testing.assert_allclose(np.asarray(dsj.forward(cfg, variables, tokens, mesh=mesh)), one, rtol=1e-5, atol=1e-5)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9], [4], [10, 11]]
+    mesh = dsj.sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})  # generate's mesh (as test_generate's)
+    assert dsj.generate(cfg, variables, prompts, 6, mesh=mesh) == dsj.generate(cfg, variables, prompts, 6)

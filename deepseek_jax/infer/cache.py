@@ -29,12 +29,13 @@ def cache_config(cfg: ModelConfig, size: int, kind: str = "latent", dtype: str |
     return CacheConfig(size=size, kind=kind, dtype=dtype or cfg.dtype)
 
 
-def cache_axes(path, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a cache leaf: ``[layers,] cache_batch, cache_length, ...``; per-head K/V caches
-    (``[b, s, heads, h]``) put their head dim on ``cache_heads``."""
+def cache_axes(path, shape: tuple[int, ...]) -> tuple[str | None, ...]:
+    """Logical axes of a cache leaf of ``shape``: ``[layers,] cache_batch, cache_length, ...``; per-head K/V
+    caches (``[b, s, heads, h]``) put their head dim on ``cache_heads``, unless it is one (NSA's latent)."""
+    ndim = len(shape)
     lead = 1 if tree.is_stacked(path) else 0
     names: list[str | None] = [None] * lead + ["cache_batch", "cache_length"] + ["cache_feature"] * (ndim - lead - 2)
-    if ndim == lead + 4:
+    if ndim == lead + 4 and shape[lead + 2] > 1:
         names[lead + 2] = "cache_heads"
     return tuple(names)
 
@@ -69,7 +70,7 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, kind: str = "latent", dt
 
     if mesh is None:
         return zeros()
-    shardings = jax.tree_util.tree_map_with_path(lambda p, s: named_sharding(mesh, cache_axes(p, len(s.shape))),
+    shardings = jax.tree_util.tree_map_with_path(lambda p, s: named_sharding(mesh, cache_axes(p, s.shape)),
                                                  shapes)
     return jax.jit(zeros, out_shardings=shardings)()
 

@@ -48,6 +48,11 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "exp": "expert",
     "mlp_moe": "tensor",
     "mtp_concat": None,
+    # NSA's compression MLP phi: its input (the l flattened tokens of a block) and hidden axes, and the key
+    # features of its position encoding, over fsdp
+    "nsa_in": "fsdp",
+    "nsa_hidden": "fsdp",
+    "nsa_feature": "fsdp",
     "norm": None,
     "layers": None,
     # activations

@@ -104,9 +104,9 @@ class NSA(nn.Module):
         l, d = blocks.shape[2], blocks.shape[-1]
         hid = s.compress_hidden or d
         pd = jnp.dtype(self.cfg.param_dtype)
-        pos = param(self, f"phi_{name}_pos", (l, d), (None, None), self.cfg.init_std, pd)
-        w1 = param(self, f"phi_{name}_w1", (l * d, hid), (None, None), (l * d) ** -0.5, pd)
-        w2 = param(self, f"phi_{name}_w2", (hid, d), (None, None), hid ** -0.5, pd)
+        pos = param(self, f"phi_{name}_pos", (l, d), (None, "nsa_feature"), self.cfg.init_std, pd)
+        w1 = param(self, f"phi_{name}_w1", (l * d, hid), ("nsa_in", None), (l * d) ** -0.5, pd)
+        w2 = param(self, f"phi_{name}_w2", (hid, d), ("nsa_hidden", None), hid ** -0.5, pd)
         dt = blocks.dtype
         return compress_mlp(blocks, pos.astype(dt), w1.astype(dt), w2.astype(dt))
 
@@ -127,14 +127,24 @@ class Indexer(nn.Module):
         c, s = self.cfg, self.cfg.attention.sparse
         pd, std = jnp.dtype(c.param_dtype), c.init_std
         h, d, r = s.index_heads, s.index_head_dim, c.attention.qk_rope_head_dim
-        wq = param(self, "wq", (c.attention.q_lora_rank, h, d), (None, None, None), std, pd)
+        wq = param(self, "wq", (c.attention.q_lora_rank, h, d), ("q_latent", None, None), std, pd)
         wk = param(self, "wk", (c.d_model, d), ("embed", None), std, pd)
         ww = param(self, "w_weights", (c.d_model, h), ("embed", None), std, pd)
         q = jnp.einsum("btq,qhd->bthd", cq, wq.astype(cq.dtype))
-        k = nn.LayerNorm(epsilon=1e-6, dtype=x.dtype, param_dtype=pd, name="k_norm")(x @ wk.astype(x.dtype))
+        k = self._layer_norm(x @ wk.astype(x.dtype), pd)
         q = jnp.concatenate([apply_rope(q[..., :r], positions, c.rope), q[..., r:]], -1)
         k = jnp.concatenate([apply_rope(k[..., :r], positions, c.rope), k[..., r:]], -1)
         if self.cache is not None:
             k = cache_update(self, "k", k, positions, self.cache)
         w = (x @ ww.astype(x.dtype)) * (h ** -0.5 * d ** -0.5)
         return indexer_scores(q, k, w)
+
+    def _layer_norm(self, k, pd):
+        """LayerNorm with a bias (V3.2's ``k_norm``), in float32."""
+        d = k.shape[-1]
+        scale = param(self, "k_norm_scale", (d,), ("norm",), None, pd)
+        bias = self.param("k_norm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), pd)
+        kf = k.astype(jnp.float32)
+        mu = kf.mean(-1, keepdims=True)
+        var = jnp.square(kf - mu).mean(-1, keepdims=True)
+        return ((kf - mu) * jax.lax.rsqrt(var + 1e-6) * scale + bias).astype(k.dtype)
