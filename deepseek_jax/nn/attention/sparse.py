@@ -111,6 +111,23 @@ class NSA(nn.Module):
         return compress_mlp(blocks, pos.astype(dt), w1.astype(dt), w2.astype(dt))
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias, in float32 (V3.2's indexer ``k_norm``); the name ends in ``norm``: no weight decay."""
+
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, k):
+        d = k.shape[-1]
+        scale = param(self, "scale", (d,), ("norm",), None, self.param_dtype)
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
+        bias = self.param("bias", zeros, (d,), self.param_dtype)
+        kf = k.astype(jnp.float32)
+        mu = kf.mean(-1, keepdims=True)
+        var = jnp.square(kf - mu).mean(-1, keepdims=True)
+        return ((kf - mu) * jax.lax.rsqrt(var + 1e-6) * scale + bias).astype(k.dtype)
+
+
 class Indexer(nn.Module):
     """DSA's lightning indexer (DeepSeek-V3.2): ``I [b, t, s]`` for queries ``t`` against every key slot ``s``.
 
@@ -131,7 +148,7 @@ class Indexer(nn.Module):
         wk = param(self, "wk", (c.d_model, d), ("embed", None), std, pd)
         ww = param(self, "w_weights", (c.d_model, h), ("embed", None), std, pd)
         q = jnp.einsum("btq,qhd->bthd", cq, wq.astype(cq.dtype))
-        k = self._layer_norm(x @ wk.astype(x.dtype), pd)
+        k = LayerNorm(pd, name="k_norm")(x @ wk.astype(x.dtype))
         q = jnp.concatenate([apply_rope(q[..., :r], positions, c.rope), q[..., r:]], -1)
         k = jnp.concatenate([apply_rope(k[..., :r], positions, c.rope), k[..., r:]], -1)
         if self.cache is not None:
@@ -139,12 +156,3 @@ class Indexer(nn.Module):
         w = (x @ ww.astype(x.dtype)) * (h ** -0.5 * d ** -0.5)
         return indexer_scores(q, k, w)
 
-    def _layer_norm(self, k, pd):
-        """LayerNorm with a bias (V3.2's ``k_norm``), in float32."""
-        d = k.shape[-1]
-        scale = param(self, "k_norm_scale", (d,), ("norm",), None, pd)
-        bias = self.param("k_norm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), pd)
-        kf = k.astype(jnp.float32)
-        mu = kf.mean(-1, keepdims=True)
-        var = jnp.square(kf - mu).mean(-1, keepdims=True)
-        return ((kf - mu) * jax.lax.rsqrt(var + 1e-6) * scale + bias).astype(k.dtype)
