@@ -261,3 +261,32 @@ def test_dsa_on_a_mesh_equals_one_device():
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9], [4], [10, 11]]
     mesh = dsj.sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
     assert dsj.generate(cfg, variables, prompts, 6, mesh=mesh) == dsj.generate(cfg, variables, prompts, 6)
+
+
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_the_training_stages(stage):
+    """``train.dsa_stage``: the dense warm-up updates the indexer only and lowers its KL (attention dense: the
+    same logits as dense MLA); the sparse stage trains everything, the indexer on its KL over the kept keys."""
+    from deepseek_jax.train import Pretrain, StepConfig, hyper, make_train_fns
+    from deepseek_jax.train.optim import OptimConfig
+
+    cfg = _cfg(topk=5).replace(init_std=0.3)
+    mesh = dsj.sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    sc = StepConfig(batch_size=2, seq_len=T, steps=40, optim=OptimConfig(lr=3e-3, warmup_steps=1), dsa_stage=stage)
+    fns = make_train_fns(cfg, sc, Pretrain(indexer_kl=1.0), mesh)
+    state = fns.init(jax.random.key(0))
+    first = jax.tree.map(np.asarray, state["params"])
+    tokens, pos, seg = _batch(7)
+    batch = jax.device_put({"tokens": tokens, "positions": pos, "segment_ids": seg}, fns.batch_sharding)
+    kls = []
+    for _ in range(40):
+        state, m = fns.step(state, batch, hyper(0.0, 0.0))
+        kls.append(float(m["indexer_kl"]))
+    print(stage, kls[0], kls[-1])
+    assert kls[-1] < 0.5 * kls[0]
+    is_indexer = _split(first)
+    after = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    for p, x in jax.tree_util.tree_leaves_with_path(first):
+        k = jax.tree_util.keystr(p)
+        moved = not np.array_equal(x, after[k])
+        assert moved == (is_indexer[k] or stage == "sparse"), k

@@ -26,7 +26,8 @@ import jax
 
 __all__ = ["PARAMS", "ROUTER", "CACHE", "FP8_SCALE", "INTERMEDIATES", "DECODE", "MODEL_COLLECTIONS",
            "DENSE_STACK", "MOE_STACK", "STACKS", "STAGE_ACTIVE", "EMBED", "HEAD", "FINAL_NORM", "FFN", "SHARED", "MTP_LAYER",
-           "ROUTER_WEIGHT", "ROUTER_BIAS", "BALANCE", "DROPPED_ROWS", "DISPATCHED_ROWS", "mtp_name",
+           "ROUTER_WEIGHT", "ROUTER_BIAS", "BALANCE", "DROPPED_ROWS", "DISPATCHED_ROWS", "INDEXER_KL", "is_indexer",
+           "mtp_name",
            "layer_name", "unstack_layers", "is_mtp", "keys", "is_stacked", "is_norm", "is_routed_expert",
            "is_embedding", "split_mtp", "model_variables", "collect", "router_biases", "replace_router_biases"]
 
@@ -49,6 +50,7 @@ _LAYER = "layer_"  # one layer of an unstacked stack
 
 # values the MoE layers sow into "intermediates"
 BALANCE, DROPPED_ROWS, DISPATCHED_ROWS = "balance", "dropped_rows", "dispatched_rows"
+INDEXER_KL = "indexer_kl"  # DSA: the indexer's KL against the attention, sown per layer
 
 
 def mtp_name(k: int) -> str:
@@ -90,6 +92,11 @@ def is_stacked(path: Sequence[Any]) -> bool:
     :func:`unstack_layers` split it). ``path`` starts below the collection."""
     ks = keys(path)
     return bool(ks) and ks[0] in STACKS and not (len(ks) > 1 and ks[1].startswith(_LAYER))
+
+
+def is_indexer(path: Sequence[Any]) -> bool:
+    """DSA's lightning indexer (``.../attn/indexer/...``): what its dense warm-up trains."""
+    return "indexer" in keys(path)
 
 
 def is_norm(path: Sequence[Any]) -> bool:

@@ -21,6 +21,9 @@ __all__ = ["Schedulable", "scheduled", "PipelineConfig", "TrainConfig", "StepCon
 Schedulable = float | tuple[tuple[int, float], ...]
 
 
+DSA_STAGES = ("sparse", "dense_warmup")
+
+
 def scheduled(value: Schedulable, step: int) -> float:
     """A constant, or piecewise constant ``((from_step, value), ...)``: the last entry with ``from_step <= step``."""
     if isinstance(value, (int, float)):
@@ -95,6 +98,10 @@ class TrainConfig:
       sample_tokens: length of the text sample generated at the end (0 = none); sample_prompt.
       peak_flops: FLOP/s of the whole machine for MFU; 0 = a table for known accelerators, or a measured
         fp32 matmul on CPU.
+      dsa_stage: for a model with ``attention.sparse.kind: dsa`` (DeepSeek-V3.2's two stages): ``sparse``
+        (every query reads its top-k keys; the model learns from the LM loss, the indexer from its KL over the
+        kept keys) or ``dense_warmup`` (attention dense, only the indexer trained, on its KL over every
+        visible key). dsa_kl_weight: the KL's weight in the loss.
     """
 
     steps: int = 300
@@ -117,6 +124,8 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_prompt: str = "def "
     peak_flops: float = 0.0
+    dsa_stage: str = "sparse"
+    dsa_kl_weight: float = 1.0
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -128,7 +137,9 @@ class TrainConfig:
                 raise ValueError(f"train.{n}={v!r} must be a positive integer")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"train.remat={self.remat!r} must be one of {REMAT_POLICIES}")
-        for n in ("balance_alpha", "z_loss", "peak_flops"):
+        if self.dsa_stage not in DSA_STAGES:
+            raise ValueError(f"train.dsa_stage={self.dsa_stage!r} must be one of {DSA_STAGES}")
+        for n in ("balance_alpha", "z_loss", "peak_flops", "dsa_kl_weight"):
             if getattr(self, n) < 0:
                 raise ValueError(f"train.{n}={getattr(self, n)!r} must be >= 0")
         if self.sample_tokens < 0 or self.eval_batches < 0:
@@ -165,12 +176,13 @@ class StepConfig:
     bias_center: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    dsa_stage: str = "sparse"
 
     @classmethod
     def from_train(cls, tcfg: TrainConfig) -> "StepConfig":
         return cls(batch_size=tcfg.batch_size, seq_len=tcfg.seq_len, steps=tcfg.steps, remat=tcfg.remat,
                    bias_center=tcfg.bias_center, optim=dataclasses.replace(tcfg.optim, ema_decay=0.0),
-                   pipeline=tcfg.pipeline)
+                   pipeline=tcfg.pipeline, dsa_stage=tcfg.dsa_stage)
 
 
 def load_run_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> tuple[ModelConfig, TrainConfig]:

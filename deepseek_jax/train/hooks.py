@@ -56,7 +56,7 @@ def step_record(step: int, m: dict, seconds: float, tokens: int, flops_per_token
                mfu=flops_per_token * tps / peak, **{k: float(v) for k, v in hyper.items()})
     if "mtp" in m:
         rec["mtp"] = [float(x) for x in np.atleast_1d(m["mtp"])]
-    for k in ("balance", "z", "dropped_rows", "kd"):
+    for k in ("balance", "z", "dropped_rows", "kd", "indexer_kl"):
         if k in m:
             rec[k] = float(m[k])
     if "maxvio" in m:

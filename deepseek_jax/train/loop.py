@@ -52,7 +52,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, *, progress: bool = True,
     other writer); a failed checkpoint write raises :class:`~deepseek_jax.train.run_dir.CheckpointWriteError`.
     """
     with RunDir(tcfg.out).open_for_writing(cfg, lock=jax.process_index() == 0) as run:
-        return _train(run, cfg, tcfg, progress, on_step, objective or Pretrain(tcfg.balance_alpha, tcfg.z_loss),
+        return _train(run, cfg, tcfg, progress, on_step, objective or Pretrain(tcfg.balance_alpha, tcfg.z_loss, tcfg.dsa_kl_weight),
                       data, init)
 
 

@@ -71,10 +71,12 @@ def batch_targets(batch: dict, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def add_mtp_and_balance(loss: jax.Array, aux: dict, out: ModelOutput, intermediates: Any, batch: dict, hyper: dict,
-                        balance_alpha: float) -> jax.Array:
+                        balance_alpha: float, indexer_kl_weight: float = 1.0) -> jax.Array:
     """``loss`` plus the MTP losses (``hyper["mtp_lambda"] / D * sum_k CE(depth k)``, targets masked like the
-    main ones) and the sequence-wise balance loss (``balance_alpha``), in that order; ``aux`` gains ``mtp [D]``
-    and ``balance`` where the model has them. Shared by every objective that trains the whole model."""
+    main ones), the sequence-wise balance loss (``balance_alpha``) and DSA's indexer KL summed over layers
+    (``indexer_kl_weight``; it trains the indexer only), in that order; ``aux`` gains ``mtp [D]``,
+    ``balance`` and ``indexer_kl`` where the model has them. Shared by every objective that trains the whole
+    model."""
     if out.mtp_logits is not None:
         terms = [cross_entropy(out.mtp_logits[j], *batch_targets(batch, j + 2))[0]
                  for j in range(out.mtp_logits.shape[0])]
@@ -84,13 +86,18 @@ def add_mtp_and_balance(loss: jax.Array, aux: dict, out: ModelOutput, intermedia
     if bal:
         aux["balance"] = sum(jnp.sum(b) for b in bal)
         loss = loss + balance_alpha * aux["balance"]
+    kl = tree.collect(intermediates, tree.INDEXER_KL)
+    if kl:
+        aux["indexer_kl"] = sum(jnp.sum(k) for k in kl)
+        loss = loss + indexer_kl_weight * aux["indexer_kl"]
     return loss
 
 
 @dataclass(frozen=True)
 class Pretrain:
     """Next-token cross-entropy, the MTP losses (weight ``hyper["mtp_lambda"]`` over the depth), the
-    sequence-wise balance loss (``balance_alpha``) and an optional z-loss (``z_loss``).
+    sequence-wise balance loss (``balance_alpha``), DSA's indexer KL (``indexer_kl``) and an optional z-loss
+    (``z_loss``).
 
     Metrics: ``ce``, ``tokens`` (counted targets), ``mtp [D]``, ``balance``, ``z``, ``dropped_rows`` where present.
     With a ``loss_mask`` in the batch (SFT), only masked-in targets count (:func:`batch_targets`).
@@ -98,12 +105,13 @@ class Pretrain:
 
     balance_alpha: float = 1e-4
     z_loss: float = 0.0
+    indexer_kl: float = 1.0
 
     def __call__(self, out: ModelOutput, intermediates: Any, batch: dict, hyper: dict) -> tuple[jax.Array, dict]:
         tgt, mask = batch_targets(batch, 1)
         ce, n = cross_entropy(out.logits, tgt, mask)
         aux = {"ce": ce, "tokens": n}
-        total = add_mtp_and_balance(ce, aux, out, intermediates, batch, hyper, self.balance_alpha)
+        total = add_mtp_and_balance(ce, aux, out, intermediates, batch, hyper, self.balance_alpha, self.indexer_kl)
         if self.z_loss:
             lse = jax.nn.logsumexp(out.logits, axis=-1)
             m = mask.astype(jnp.float32)

@@ -85,8 +85,20 @@ def make_train_fns(cfg: ModelConfig, step_cfg: StepConfig, objective: Objective,
     return _make_train_fns(cfg, step_cfg, objective, mesh)
 
 
+def dsa_warmup_model(cfg: ModelConfig) -> ModelConfig:
+    """DSA's dense warm-up reads every visible key: the model with ``topk`` at the longest context."""
+    s = cfg.attention.sparse
+    if s is None or s.kind != "dsa":
+        raise ValueError(f"train.dsa_stage='dense_warmup' needs a model with attention.sparse.kind='dsa' "
+                         f"(this one has attention.sparse={None if s is None else s.kind!r})")
+    return cfg.replace(**{"attention.sparse.topk": max(s.topk, cfg.max_position_embeddings)})
+
+
 @functools.lru_cache(maxsize=8)
 def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh: Mesh) -> TrainFns:
+    warmup = sc.dsa_stage == "dense_warmup"
+    if warmup:  # dense attention, only the indexer trained
+        cfg = dsa_warmup_model(cfg)
     tx, schedule = make_optimizer(sc.optim, sc.steps)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sh = NamedSharding(mesh, batch_spec(1))  # every batch leaf [B, ...] split over the batch axes
@@ -103,7 +115,11 @@ def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh
     def step(state, batch, hyper):
         params, router = state[tree.PARAMS], state[tree.ROUTER]
         loss, aux, grads = grad_fn(params, router, batch, hyper)
+        if warmup:  # the clip sees the indexer's gradients only, and nothing else moves (no weight decay either)
+            grads = _indexer_only(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        if warmup:
+            updates = _indexer_only(updates)
         load = aux.pop("expert_load")
         metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         if load is not None:
@@ -176,6 +192,11 @@ def step_layout_report(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, remat
         step_cfg = StepConfig(batch_size=batch, seq_len=seq, steps=10_000, remat=remat)  # AdamW defaults
         compiled = make_train_fns(cfg, step_cfg, objective or Pretrain(), mesh).compile_step()
     return layout_report(cfg, mesh, batch, seq, compiled=compiled)
+
+
+def _indexer_only(t: Any) -> Any:
+    """``t`` (a parameter-shaped tree) with every leaf outside DSA's indexer zeroed."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: x if tree.is_indexer(p) else jnp.zeros_like(x), t)
 
 
 def _state_shardings(cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation, init: Callable,

@@ -171,7 +171,8 @@ class MLA(nn.Module):
         return scores, topk_mask(scores, ok, c.attention.sparse.topk)
 
     def _sow_indexer_kl(self, q, k, scores, keep):
-        """``intermediates/indexer_kl``: the indexer's KL against the head-summed attention over the kept keys."""
+        """``intermediates/indexer_kl``: the indexer's KL against the head-summed attention over the kept keys
+        (the trainer adds ``train.dsa_kl_weight`` times their sum to the loss)."""
         logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * self.cfg.softmax_scale
-        self.sow(tree.INTERMEDIATES, "indexer_kl", indexer_kl(masked_softmax(logits, keep[:, None], jnp.float32),
+        self.sow(tree.INTERMEDIATES, tree.INDEXER_KL, indexer_kl(masked_softmax(logits, keep[:, None], jnp.float32),
                                                               scores, keep))
