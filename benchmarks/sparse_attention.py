@@ -25,6 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.config import config_from_dict  # noqa: E402
 from deepseek_jax.kernels import nsa  # noqa: E402
 from _provenance import provenance, time_fn  # noqa: E402
 
@@ -87,6 +89,38 @@ def _decode_step_s(size, args, shape, scale):
             time_fn(sparse_step, q, k, v, kc, vc, gates, pos, iters=args.iters))
 
 
+def _generate_tokens_per_s(lengths, iters):
+    """Decode tokens/s of a one-layer MLA model (d_model 512, 16 heads, latent 512 + 64, V3's head sizes) with
+    dense attention, NSA (the paper's sizes) and DSA (top-2048, 4 indexer heads of 128): ``generate`` after a
+    prompt filling the context to each length, per token = (time for 40 new tokens - time for 8) / 32."""
+    base = dict(vocab_size=256, d_model=512, n_layers=1, intermediate_size=1024, max_position_embeddings=16384,
+                attention=dict(kind="mla", n_heads=16, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128,
+                               qk_rope_head_dim=64, v_head_dim=128))
+    variants = {"dense": None, "nsa": {"kind": "nsa"},
+                "dsa": {"kind": "dsa", "topk": 2048, "index_heads": 4, "index_head_dim": 128}}
+    out = {}
+    for name, sparse in variants.items():
+        d = {**base, "attention": {**base["attention"], **({"sparse": sparse} if sparse else {})}}
+        cfg = config_from_dict(d)
+        variables = dsj.init_variables(cfg, 0)
+        out[name] = {}
+        for t in lengths:
+            prompt = [list(np.random.default_rng(t).integers(0, 256, t - 48))]
+            times = {}
+            for new in (8, 40):
+                dsj.generate(cfg, variables, prompt, new, max_len=t)  # compile
+                best = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    dsj.generate(cfg, variables, prompt, new, max_len=t)
+                    best.append(time.perf_counter() - t0)
+                times[new] = sorted(best)[len(best) // 2]
+            out[name][t] = round(32 / max(times[40] - times[8], 1e-9), 1)
+            print(json.dumps({"generate": name, "length": t, "tokens_per_s": out[name][t]}), file=sys.stderr,
+                  flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
@@ -96,7 +130,15 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--generate", action="store_true",
+                    help="instead: decode tokens/s of a one-layer model, dense vs NSA vs DSA, through generate")
     args = ap.parse_args()
+    if args.generate:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        print(json.dumps({"benchmark": "sparse_attention_generate", "lengths": lengths,
+                          "tokens_per_s": _generate_tokens_per_s(lengths, max(args.iters // 4, 3)), **provenance()},
+                         indent=1))
+        return
     shape = nsa.NSAShape()  # the paper's sizes: l 32, d 16, l' 64, n 16, w 512
     f = FORMS[args.form]
     scale = f["dk"] ** -0.5

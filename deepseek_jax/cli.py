@@ -88,8 +88,9 @@ def _info(args: argparse.Namespace) -> int:
             ("KV cache per token, all layers (bf16)", f"{info['kv_cache_bytes_per_token']:,g} B"),
             ("eval_shape time", f"{info['eval_shape_seconds']} s")]
     for n, c in (info["decode_keys_per_step"] or {}).items():
+        extra = f"; indexer keys {c['indexer']:,}" if "indexer" in c else ""
         rows.append((f"keys read per decode step at {n:,} ({cfg.attention.sparse.kind})",
-                     f"{c['sparse']:,} (dense {c['dense']:,}, {c['sparse'] / c['dense']:.1%})"))
+                     f"{c['sparse']:,} (dense {c['dense']:,}, {c['sparse'] / c['dense']:.1%}{extra})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

@@ -290,3 +290,14 @@ def test_the_training_stages(stage):
         k = jax.tree_util.keystr(p)
         moved = not np.array_equal(x, after[k])
         assert moved == (is_indexer[k] or stage == "sparse"), k
+
+
+def test_dsa_cache_bytes_and_decode_keys_in_info():
+    from deepseek_jax.analysis.params import kv_cache_elements_per_token_per_layer, model_info
+    from deepseek_jax.infer.cache import cache_bytes_per_token, init_cache
+
+    cfg = _cfg(topk=5)
+    assert kv_cache_elements_per_token_per_layer(cfg) == 16 + 8 + 16  # latent, rope key, indexer key
+    assert cache_bytes_per_token(init_cache(cfg, 2, 64, stacked=False)) == 4 * 2 * 40
+    keys = model_info(cfg.replace(max_position_embeddings=4096))["decode_keys_per_step"]
+    assert keys == {1024: {"sparse": 5, "dense": 1024, "indexer": 1024}, 4096: {"sparse": 5, "dense": 4096, "indexer": 4096}}

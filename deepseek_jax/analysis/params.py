@@ -34,14 +34,16 @@ __all__ = ["ParamCounts", "param_counts", "model_info", "kv_cache_elements_per_t
 
 
 def kv_cache_elements_per_token_per_layer(cfg: ModelConfig) -> float:
-    """Cached values per token and layer: MLA's latent ``c + r``, or K and V ``2 g h``. NSA adds the unrotated
-    rotary dims (``r``, or the whole key ``g h``) and one compressed block per ``d`` tokens (``(c + r) / d``, or
-    ``2 g h / d``): a float then."""
+    """Cached values per token and layer: MLA's latent ``c + r``, or K and V ``2 g h``. DSA adds the indexer's
+    key (``index_head_dim``); NSA the unrotated rotary dims (``r``, or the whole key ``g h``) and one compressed
+    block per ``d`` tokens (``(c + r) / d``, or ``2 g h / d``): a float then."""
     a = cfg.attention
     key = a.kv_lora_rank + a.qk_rope_head_dim if a.kind == "mla" else a.kv_heads * a.head_dim
     dense = key if a.kind == "mla" else 2 * key
     if a.sparse is None:
         return dense
+    if a.sparse.kind == "dsa":
+        return dense + a.sparse.index_head_dim
     raw = a.qk_rope_head_dim if a.kind == "mla" else key
     return dense + raw + dense / a.sparse.cmp_stride
 
@@ -104,12 +106,15 @@ def model_info(cfg: ModelConfig) -> dict[str, Any]:
 def decode_key_counts(cfg: ModelConfig) -> dict[int, dict[str, int]] | None:
     """Keys (KV entries) one decode step reads per layer at context lengths 1k, 4k, 8k, 32k, 64k and
     ``max_position_embeddings`` (those up to it), sparse beside dense; None for dense attention. NSA:
-    ``floor((s - l) / d) + 1 + n l' + w`` (:func:`~deepseek_jax.kernels.nsa.decode_keys`, paper Table 4)."""
+    ``floor((s - l) / d) + 1 + n l' + w`` (:func:`~deepseek_jax.kernels.nsa.decode_keys`, paper Table 4);
+    DSA: ``min(topk, s)`` latent rows, plus ``indexer``: the ``s`` indexer keys it scores."""
     s = cfg.attention.sparse
     if s is None:
         return None
     top = cfg.max_position_embeddings
     lengths = sorted({n for n in (1024, 4096, 8192, 32768, 65536) if n <= top} | {top})
+    if s.kind == "dsa":
+        return {n: {"sparse": min(s.topk, n), "dense": n, "indexer": n} for n in lengths}
     return {n: {"sparse": decode_keys(n, s.shape), "dense": n} for n in lengths}
 
 

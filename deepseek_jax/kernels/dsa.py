@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["indexer_scores", "visible", "topk_mask", "indexer_kl"]
+__all__ = ["indexer_scores", "visible", "topk_indices", "topk_mask", "indexer_kl"]
 
 
 def indexer_scores(q: jax.Array, k: jax.Array, w: jax.Array) -> jax.Array:
@@ -34,13 +34,20 @@ def visible(segment_ids: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((t, t), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
+def topk_indices(scores: jax.Array, ok: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` visible keys of highest score per query as indices ``[b, t, k]`` (ties to the lower index: a
+    stable sort) and whether each is a visible key (``False`` where fewer than ``k`` are)."""
+    key = jnp.where(ok, jax.lax.stop_gradient(scores), -jnp.inf)
+    order = jnp.argsort(-key, axis=-1, stable=True)[..., :k].astype(jnp.int32)
+    return order, jnp.take_along_axis(ok, order, axis=-1)
+
+
 def topk_mask(scores: jax.Array, ok: jax.Array, k: int) -> jax.Array:
     """``scores [b, t, s]``, ``ok [b, t, s]`` (visible keys) -> ``[b, t, s]`` bool: the ``min(k, visible)``
-    visible keys of highest score per query, ties to the lower index (a stable sort)."""
+    visible keys of highest score per query (:func:`topk_indices`)."""
     if k >= scores.shape[-1]:
         return ok
-    key = jnp.where(ok, jax.lax.stop_gradient(scores), -jnp.inf)
-    order = jnp.argsort(-key, axis=-1, stable=True)[..., :k]
+    order, _ = topk_indices(scores, ok, k)
     chosen = jnp.zeros(scores.shape, bool)
     chosen = jnp.put_along_axis(chosen, order, True, axis=-1, inplace=False)
     return chosen & ok

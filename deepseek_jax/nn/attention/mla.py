@@ -33,7 +33,7 @@ from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
 from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
 from deepseek_jax.nn.attention.common import HEADS, masked_softmax
-from deepseek_jax.kernels.dsa import indexer_kl, topk_mask, visible
+from deepseek_jax.kernels.dsa import indexer_kl, topk_indices, topk_mask, visible
 from deepseek_jax.nn.attention.sparse import NSA, Indexer
 from deepseek_jax.nn.layers import RMSNorm, linear, param
 from deepseek_jax.nn.rope import apply_rope
@@ -130,7 +130,8 @@ class MLA(nn.Module):
         return linear(out, wo, n_in=2, fp8=c.fp8)
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, wkv_b, positions, keep=None):
-        """Attention against the latent cache ``[c_kv | k_rope]`` with ``W_UK``/``W_UV`` absorbed: ``[b, t, n, v]``."""
+        """Attention against the latent cache ``[c_kv | k_rope]`` with ``W_UK``/``W_UV`` absorbed: ``[b, t, n, v]``.
+        ``keep``: DSA's mask over the slots ``[b, t, S]``, or its top-k slots ``(indices, valid)`` ``[b, t, k]``."""
         c = self.cfg
         p, kc = c.attention.qk_nope_head_dim, c.attention.kv_lora_rank
         latent = cache_update(self, "kv", jnp.concatenate([c_kv, k_rope], -1), positions, self.cache)  # [b, S, c+r]
@@ -141,8 +142,15 @@ class MLA(nn.Module):
             w = wkv_b.astype(dt)
             w_uk, w_uv = jnp.transpose(w[..., :p], (1, 2, 0)), jnp.transpose(w[..., p:], (1, 0, 2))
         q_lat = jnp.einsum("btnp,npc->btnc", q_nope, w_uk)
+        q_cat = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1)
+        if isinstance(keep, tuple):  # DSA: only the top-k slots' latent rows [b, t, k, c+r] are read
+            idx, valid = keep
+            rows = jax.vmap(lambda lat, i: lat[i])(latent, idx)
+            probs = masked_softmax(jnp.einsum("btkl,btnl->bntk", rows, q_cat) * c.softmax_scale, valid[:, None], dt)
+            o_lat = jnp.einsum("bntk,btkl->btnl", probs, rows)[..., :kc]
+            return constrain(jnp.einsum("btnc,ncv->btnv", o_lat, w_uv), *HEADS)
         # one product with the whole cache row [c_kv | k_rope] (slicing the cache would copy it every step)
-        scores = jnp.einsum("bsl,btnl->bnts", latent, jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1))
+        scores = jnp.einsum("bsl,btnl->bnts", latent, q_cat)
         mask = cached_mask(positions, self.cache.size) & (True if keep is None else keep[:, None])
         probs = masked_softmax(scores * c.softmax_scale, mask, q_nope.dtype)
         o_lat = jnp.einsum("bnts,bsl->btnl", probs, latent)[..., :kc]
@@ -168,7 +176,10 @@ class MLA(nn.Module):
         c = self.cfg
         scores = Indexer(c, self.cache, name="indexer")(jax.lax.stop_gradient(x), jax.lax.stop_gradient(cq), positions)
         ok = visible(segment_ids) if self.cache is None else cached_mask(positions, self.cache.size)[:, 0]
-        return scores, topk_mask(scores, ok, c.attention.sparse.topk)
+        k = c.attention.sparse.topk
+        if self.cache is not None and self.cache.kind == "latent" and k < self.cache.size:
+            return scores, topk_indices(scores, ok, k)  # decoding gathers the k latent rows it reads
+        return scores, topk_mask(scores, ok, k)
 
     def _sow_indexer_kl(self, q, k, scores, keep):
         """``intermediates/indexer_kl``: the indexer's KL against the head-summed attention over the kept keys
