@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 import deepseek_jax as dsj  # noqa: E402
 from deepseek_jax.config import config_from_dict  # noqa: E402
+from deepseek_jax.kernels import dsa as dsa_kernels  # noqa: E402
 from deepseek_jax.kernels import nsa  # noqa: E402
 from _provenance import provenance, time_fn  # noqa: E402
 
@@ -49,6 +50,20 @@ def sparse(q, k, v, gates, shape, scale, chunk, unroll):
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     kc, vc = (nsa.compress_mean(nsa.block_tokens(x, shape)) for x in (k, v))
     return nsa.nsa_attention(q, k, v, kc, vc, gates, seg, pos, scale, shape, "gather", chunk, unroll=unroll)
+
+
+def dsa(q, k, v, qi, ki, wi, topk, scale):
+    """DSA as the model trains it: the indexer scores every visible key, the top-k mask, masked dense attention
+    (a kernel that skips the masked keys is what makes V3.2's training sparse; XLA:CPU has none)."""
+    t = q.shape[1]
+    ok = dsa_kernels.visible(jnp.zeros((1, t), jnp.int32))
+    keep = dsa_kernels.topk_mask(dsa_kernels.indexer_scores(qi, ki, wi), ok, topk)
+    b, _, h, d = q.shape
+    g = k.shape[2]
+    s = jnp.einsum("btgrd,bsgd->bgrts", q.reshape(b, t, g, h // g, d), k) * scale
+    s = jnp.where(keep[:, None, None], s, -jnp.inf)
+    o = jnp.einsum("bgrts,bsgd->btgrd", jax.nn.softmax(s, -1), v)
+    return o.reshape(b, t, h, -1)
 
 
 def _compile(fn, args, grad):
@@ -149,7 +164,11 @@ def main() -> None:
         k = jnp.asarray(rng.normal(size=(1, t, f["groups"], f["dk"])), jnp.float32)
         v = jnp.asarray(rng.normal(size=(1, t, f["groups"], f["dv"])), jnp.float32)
         gates = jnp.full((1, t, args.heads, 3), 0.5, jnp.float32)
+        qi = jnp.asarray(rng.normal(size=(1, t, 4, 128)), jnp.float32)
+        ki = jnp.asarray(rng.normal(size=(1, t, 128)), jnp.float32)
+        wi = jnp.asarray(rng.normal(size=(1, t, 4)), jnp.float32)
         row = {"length": t,
+               "dsa": _compiled(lambda q, k, v: dsa(q, k, v, qi, ki, wi, 2048, scale), (q, k, v), args.grad),
                "dense": _compiled(lambda q, k, v: dense(q, k, v, scale), (q, k, v), args.grad),
                "nsa": _compiled(lambda q, k, v: sparse(q, k, v, gates, shape, scale, args.chunk, False), (q, k, v),
                                 args.grad, lambda q, k, v: sparse(q, k, v, gates, shape, scale, args.chunk, True)),
@@ -158,7 +177,7 @@ def main() -> None:
             d, s = _decode_step_s(t, args, shape, scale)
             row["decode_steps_per_s"] = {"dense": round(1 / d, 1), "nsa": round(1 / s, 1)}
         if rows:
-            for kind in ("dense", "nsa"):
+            for kind in ("dense", "nsa", "dsa"):
                 row[kind]["flops_ratio_to_previous"] = round(row[kind]["flops"] / rows[-1][kind]["flops"], 3)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
