@@ -94,7 +94,17 @@ class NSA(nn.Module):
 
         kc_all = write("kc", kc_new)
         vc_all = kc_all[..., :v.shape[-1]] if self.shared_value else write("vc", vc_new)
-        return nsa_decode(q, k_all, v_all, kc_all, vc_all, gates, positions, c.softmax_scale, s.shape)
+        tn, ch = q.shape[1], s.chunk
+        if tn <= ch:
+            return nsa_decode(q, k_all, v_all, kc_all, vc_all, gates, positions, c.softmax_scale, s.shape)
+        # a long prefill: `chunk` queries at a time (each gathers [b, g, chunk, n, l', D] blocks), the caches
+        # already hold every new token; padded queries repeat the last position and are dropped
+        n = -(-tn // ch)
+        pad = lambda x: jnp.concatenate([x, jnp.repeat(x[:, -1:], n * ch - tn, 1)], 1)  # noqa: E731
+        split = lambda x: pad(x).reshape((x.shape[0], n, ch) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+        out = jax.lax.map(lambda a: nsa_decode(a[0], k_all, v_all, kc_all, vc_all, a[1], a[2], c.softmax_scale,
+                                               s.shape), (split(q), split(gates), split(positions)))
+        return out.swapaxes(0, 1).reshape((q.shape[0], n * ch) + out.shape[3:])[:, :tn]
 
     def _compress(self, name: str, blocks: jax.Array) -> jax.Array:
         """``blocks [b, nb, l, g, D] -> [b, nb, g, D]`` by phi (``compress: mlp``) or the mean."""
