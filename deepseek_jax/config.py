@@ -114,13 +114,13 @@ class SparseConfig:
     """
 
     kind: Literal["nsa", "dsa"]
-    cmp_block: int = 32
-    cmp_stride: int = 16
-    slc_block: int = 64
-    slc_count: int = 16
-    init_blocks: int = 1
-    local_blocks: int = 2
-    window: int = 512
+    cmp_block: int = NSAShape.cmp_block  # the paper's sizes, defined once in NSAShape
+    cmp_stride: int = NSAShape.cmp_stride
+    slc_block: int = NSAShape.slc_block
+    slc_count: int = NSAShape.slc_count
+    init_blocks: int = NSAShape.init_blocks
+    local_blocks: int = NSAShape.local_blocks
+    window: int = NSAShape.window
     compress: Literal["mlp", "mean"] = "mlp"
     compress_hidden: int = 0
     gate_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
