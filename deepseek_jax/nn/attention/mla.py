@@ -32,7 +32,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update, cached_mask
 from deepseek_jax.kernels.attention import ATTENTION_BLOCK, causal_attention
-from deepseek_jax.nn.attention.common import HEADS, masked_softmax
+from deepseek_jax.nn.attention.common import HEADS, in_query_chunks, masked_softmax
 from deepseek_jax.kernels.dsa import indexer_kl, topk_indices, topk_mask, visible
 from deepseek_jax.nn.attention.sparse import NSA, Indexer
 from deepseek_jax.nn.layers import RMSNorm, linear, param
@@ -144,10 +144,11 @@ class MLA(nn.Module):
         q_lat = jnp.einsum("btnp,npc->btnc", q_nope, w_uk)
         q_cat = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1)
         if isinstance(keep, tuple):  # DSA: only the top-k slots' latent rows [b, t, k, c+r] are read
-            idx, valid = keep
-            rows = jax.vmap(lambda lat, i: lat[i])(latent, idx)
-            probs = masked_softmax(jnp.einsum("btkl,btnl->bntk", rows, q_cat) * c.softmax_scale, valid[:, None], dt)
-            o_lat = jnp.einsum("bntk,btkl->btnl", probs, rows)[..., :kc]
+            def topk_rows(q, idx, valid):
+                rows = jax.vmap(lambda lat, i: lat[i])(latent, idx)
+                probs = masked_softmax(jnp.einsum("btkl,btnl->bntk", rows, q) * c.softmax_scale, valid[:, None], dt)
+                return jnp.einsum("bntk,btkl->btnl", probs, rows)[..., :kc]
+            o_lat = in_query_chunks(topk_rows, c.attention.sparse.chunk, q_cat, *keep)  # long prefills in chunks
             return constrain(jnp.einsum("btnc,ncv->btnv", o_lat, w_uv), *HEADS)
         # one product with the whole cache row [c_kv | k_rope] (slicing the cache would copy it every step)
         scores = jnp.einsum("bsl,btnl->bnts", latent, q_cat)

@@ -21,6 +21,7 @@ from deepseek_jax.kernels.nsa import (block_tokens, compress_mean, compress_mlp,
                                      nsa_attention, nsa_decode)
 from deepseek_jax.nn import tree
 from deepseek_jax.nn.attention.cache import CacheConfig, cache_update
+from deepseek_jax.nn.attention.common import in_query_chunks
 from deepseek_jax.nn.layers import param
 from deepseek_jax.nn.rope import apply_rope
 
@@ -58,17 +59,24 @@ class NSA(nn.Module):
         gates = jax.nn.sigmoid(jnp.einsum("btd,dhc->bthc", x, w_gate.astype(x.dtype)) + b_gate.astype(x.dtype))
         if self.cache is not None:
             return self._decode(q, k, k_raw, v, gates, positions)
-        kc, vc = self._compressed(block_tokens(k_raw, s.shape), block_tokens(v, s.shape),
-                                  block_tokens(positions, s.shape)[:, :, 0])
+        compress = self._compressor(k.shape[-1], v.shape[-1])
+        kc, vc = compress(block_tokens(k_raw, s.shape), block_tokens(v, s.shape),
+                          block_tokens(positions, s.shape)[:, :, 0])
         return nsa_attention(q, k, v, kc.astype(k.dtype), vc.astype(v.dtype), gates, segment_ids, positions,
                              c.softmax_scale, s.shape, s.impl, s.chunk)
 
-    def _compressed(self, k_blocks, v_blocks, starts):
-        """Blocks ``[b, m, l, g, D]`` -> compressed keys (rotary part rotated at ``starts [b, m]``) and values."""
-        kc = self._compress("k", k_blocks)
-        vc = kc[..., :v_blocks.shape[-1]] if self.shared_value else self._compress("v", v_blocks)
-        nope = kc.shape[-1] - self.rope_dim
-        return jnp.concatenate([kc[..., :nope], apply_rope(kc[..., nope:], starts, self.cfg.rope)], -1), vc
+    def _compressor(self, dk: int, dv: int):
+        """Creates (or reads) phi's parameters and returns the pure ``(k_blocks [b, m, l, g, dk], v_blocks,
+        starts [b, m]) -> (compressed keys, rotary part rotated at starts; compressed values)``."""
+        phi_k = self._phi("k", dk)
+        phi_v = None if self.shared_value else self._phi("v", dv)
+        nope, rope = dk - self.rope_dim, self.cfg.rope
+
+        def compress(k_blocks, v_blocks, starts):
+            kc = phi_k(k_blocks)
+            vc = kc[..., :dv] if self.shared_value else phi_v(v_blocks)
+            return jnp.concatenate([kc[..., :nope], apply_rope(kc[..., nope:], starts, rope)], -1), vc
+        return compress
 
     def _decode(self, q, k, k_raw, v, gates, positions):
         c, s, cc = self.cfg, self.cfg.attention.sparse, self.cache
@@ -77,13 +85,22 @@ class NSA(nn.Module):
         nope = k.shape[-1] - self.rope_dim
         k_all = cache_update(self, "k", k, positions, cc)
         v_all = k_all[..., :v.shape[-1]] if self.shared_value else cache_update(self, "v", v, positions, cc)
-        raw = jnp.concatenate([k_all[..., :nope], cache_update(self, "k_rope_raw", k_raw[..., nope:], positions, cc)],
-                              -1)
+        rope_raw = cache_update(self, "k_rope_raw", k_raw[..., nope:], positions, cc)
         b, nb, l = k.shape[0], compressed_blocks(cc.size, s.shape), s.cmp_block
         idx, new = new_blocks(positions, nb, s.shape)  # [b, m]
         tok = jnp.minimum(idx[..., None] * s.cmp_stride + jnp.arange(l), cc.size - 1)  # [b, m, l]
-        kc_new, vc_new = self._compressed(jax.vmap(lambda x, i: x[i])(raw, tok),
-                                          jax.vmap(lambda x, i: x[i])(v_all, tok), idx * s.cmp_stride)
+        compress = self._compressor(k.shape[-1], v.shape[-1])
+
+        def completed():  # the rows gathered, then sliced: never a copy of a whole cache
+            rows_of = lambda x: jax.vmap(lambda x, i: x[i])(x, tok)  # noqa: E731
+            raw = jnp.concatenate([rows_of(k_all)[..., :nope], rows_of(rope_raw)], -1)
+            return compress(raw, rows_of(v_all), idx * s.cmp_stride)
+
+        # a block completes every cmp_stride tokens: phi (l x D x hidden weights, the step's largest read) runs
+        # only in the steps that complete one
+        shapes = jax.eval_shape(completed)
+        kc_new, vc_new = jax.lax.cond(new.any(), completed,
+                                      lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in shapes))
         rows = jnp.arange(b)[:, None]
         slot = jnp.where(new, idx, nb)  # out of range: dropped
 
@@ -94,31 +111,23 @@ class NSA(nn.Module):
 
         kc_all = write("kc", kc_new)
         vc_all = kc_all[..., :v.shape[-1]] if self.shared_value else write("vc", vc_new)
-        tn, ch = q.shape[1], s.chunk
-        if tn <= ch:
-            return nsa_decode(q, k_all, v_all, kc_all, vc_all, gates, positions, c.softmax_scale, s.shape)
-        # a long prefill: `chunk` queries at a time (each gathers [b, g, chunk, n, l', D] blocks), the caches
-        # already hold every new token; padded queries repeat the last position and are dropped
-        n = -(-tn // ch)
-        pad = lambda x: jnp.concatenate([x, jnp.repeat(x[:, -1:], n * ch - tn, 1)], 1)  # noqa: E731
-        split = lambda x: pad(x).reshape((x.shape[0], n, ch) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-        out = jax.lax.map(lambda a: nsa_decode(a[0], k_all, v_all, kc_all, vc_all, a[1], a[2], c.softmax_scale,
-                                               s.shape), (split(q), split(gates), split(positions)))
-        return out.swapaxes(0, 1).reshape((q.shape[0], n * ch) + out.shape[3:])[:, :tn]
+        # a long prefill in chunks of `chunk` queries (each gathers [b, g, chunk, n, l', D] blocks); the caches
+        # already hold every new token
+        return in_query_chunks(lambda q, g, p: nsa_decode(q, k_all, v_all, kc_all, vc_all, g, p, c.softmax_scale,
+                                                          s.shape), s.chunk, q, gates, positions)
 
-    def _compress(self, name: str, blocks: jax.Array) -> jax.Array:
-        """``blocks [b, nb, l, g, D] -> [b, nb, g, D]`` by phi (``compress: mlp``) or the mean."""
+    def _phi(self, name: str, d: int):
+        """Phi's parameters for width ``d`` and the pure ``blocks [b, nb, l, g, d] -> [b, nb, g, d]`` (the MLP,
+        ``compress: mlp``, or the mean)."""
         s = self.cfg.attention.sparse
         if s.compress == "mean":
-            return compress_mean(blocks)
-        l, d = blocks.shape[2], blocks.shape[-1]
-        hid = s.compress_hidden or d
+            return compress_mean
+        l, hid = s.cmp_block, s.compress_hidden or d
         pd = jnp.dtype(self.cfg.param_dtype)
         pos = param(self, f"phi_{name}_pos", (l, d), (None, "nsa_feature"), self.cfg.init_std, pd)
         w1 = param(self, f"phi_{name}_w1", (l * d, hid), ("nsa_in", None), (l * d) ** -0.5, pd)
         w2 = param(self, f"phi_{name}_w2", (hid, d), ("nsa_hidden", None), hid ** -0.5, pd)
-        dt = blocks.dtype
-        return compress_mlp(blocks, pos.astype(dt), w1.astype(dt), w2.astype(dt))
+        return lambda blocks: compress_mlp(blocks, *(w.astype(blocks.dtype) for w in (pos, w1, w2)))
 
 
 class LayerNorm(nn.Module):
