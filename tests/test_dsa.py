@@ -85,6 +85,7 @@ import optax  # noqa: E402
 
 import deepseek_jax as dsj  # noqa: E402
 from deepseek_jax.config import config_from_dict  # noqa: E402
+from deepseek_jax.nn import tree  # noqa: E402
 
 T = 37
 MODEL = dict(vocab_size=64, d_model=32, n_layers=2, intermediate_size=64, max_position_embeddings=128,
@@ -118,8 +119,8 @@ def _split(params):
     return {jax.tree_util.keystr(p): "'indexer'" in jax.tree_util.keystr(p) for p, _ in flat}
 
 
-def _drop_indexer(tree):
-    return {k: _drop_indexer(v) for k, v in tree.items() if k != "indexer"} if isinstance(tree, dict) else tree
+def _drop_indexer(t):
+    return {k: _drop_indexer(v) for k, v in t.items() if k != "indexer"} if isinstance(t, dict) else t
 
 
 def test_dsa_with_topk_covering_the_sequence_is_bitwise_dense_mla():
@@ -207,11 +208,13 @@ def test_a_dense_warm_up_of_the_indexer_lowers_its_kl():
     assert all(np.array_equal(a, b) for a, b in frozen)
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_dsa_cached_decoding_equals_the_parallel_forward(chunk):
+@pytest.mark.parametrize("chunk, query_chunk", [(1, 64), (3, 64), (3, 4)])
+def test_dsa_cached_decoding_equals_the_parallel_forward(chunk, query_chunk):
+    """``chunk`` tokens per decoding call; ``query_chunk`` 4: the 13-token prefill gathers its top-k latent rows
+    4 queries at a time (``attention.sparse.chunk``)."""
     from test_nsa_model import _cached
 
-    cfg = _cfg(topk=5)
+    cfg = _cfg(topk=5, chunk=query_chunk)
     variables = dsj.init_variables(cfg, 4)
     rng = np.random.default_rng(4)
     seqs = rng.integers(0, 64, (4, 30)).astype(np.int32)
@@ -284,6 +287,36 @@ def test_the_training_stages(stage):
         k = jax.tree_util.keystr(p)
         moved = not np.array_equal(x, after[k])
         assert moved == (is_indexer[k] or stage == "sparse"), k
+
+
+def test_a_dense_checkpoint_starts_a_dsa_run_with_a_fresh_indexer():
+    """V3.2 adds the indexer to a trained dense model: ``start_from`` copies every dense parameter and keeps the
+    indexer's initialisation; any other missing or extra parameter is refused, naming it."""
+    from deepseek_jax.train import Pretrain, StepConfig, make_train_fns
+    from deepseek_jax.train.loop import start_from
+    from deepseek_jax.train.optim import OptimConfig
+
+    cfg = _cfg(topk=5)
+    mesh = dsj.sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    fns = make_train_fns(cfg, StepConfig(batch_size=2, seq_len=T, steps=10, optim=OptimConfig(warmup_steps=1)), Pretrain(), mesh)
+    state = fns.init(jax.random.key(0))
+    fresh = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    dense = jax.tree.map(np.asarray, dsj.init_variables(_cfg(), 1))
+    got = start_from(state, dense)["params"]
+    want = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(dense["params"])}
+    n_indexer = 0
+    for p, x in jax.tree_util.tree_leaves_with_path(got):
+        k = jax.tree_util.keystr(p)
+        n_indexer += "'indexer'" in k
+        np.testing.assert_array_equal(np.asarray(x), fresh[k] if "'indexer'" in k else want[k], err_msg=k)
+    assert n_indexer > 0 and len(want) + n_indexer == len(fresh)
+    no_norm = jax.tree.map(lambda x: x, dense)
+    del no_norm["params"][tree.FINAL_NORM]
+    with pytest.raises(ValueError, match=tree.FINAL_NORM):
+        start_from(state, no_norm)
+    dense_fns = make_train_fns(_cfg(), StepConfig(batch_size=2, seq_len=T, steps=10, optim=OptimConfig(warmup_steps=1)), Pretrain(), mesh)
+    with pytest.raises(ValueError, match="indexer"):  # the reverse: a DSA checkpoint into the dense model
+        start_from(dense_fns.init(jax.random.key(0)), jax.tree.map(np.asarray, dict(state)))
 
 
 def test_dsa_cache_bytes_and_decode_keys_in_info():
