@@ -154,17 +154,29 @@ def _resume(run: RunDir, tcfg: TrainConfig, fns: TrainFns, batches: Batches, ini
 
 def start_from(state: dict, variables: dict) -> dict:
     """``state`` with its parameters and router biases replaced by ``variables``' (placed like the state's);
-    the optimiser moments stay at their initial zeros. Shapes must match the state's. ``variables`` are
-    copied, never aliased."""
+    the optimiser moments stay at their initial zeros. Shapes must match the state's, with one exception:
+    DSA's lightning indexer may be missing from ``variables`` (DeepSeek-V3.2 adds it to a trained dense
+    checkpoint), in which case it keeps its fresh initialisation. ``variables`` are copied, never aliased."""
+    placed = {}
     for col in (tree.PARAMS, tree.ROUTER):
-        want = jax.tree.map(lambda a: a.shape, state[col])
-        got = jax.tree.map(lambda a: tuple(a.shape), variables.get(col, {}))
-        if want != got:
-            raise ValueError(f"the initial {col} do not fit the model config (shapes differ): use the config "
-                             "the initial checkpoint was trained with")
-    # copies (may_alias=False): the step donates the state, which must not delete the caller's arrays
-    placed = {col: jax.tree.map(lambda a, s: jax.device_put(a, s.sharding, may_alias=False), variables[col], state[col])
-              for col in (tree.PARAMS, tree.ROUTER) if col in variables}
+        if col not in variables:
+            continue
+        got = {p: a for p, a in jax.tree_util.tree_flatten_with_path(variables[col])[0]}
+        want = jax.tree_util.tree_flatten_with_path(state[col])[0]
+        extra = set(got) - {p for p, _ in want}
+        bad = [p for p, s in want if (p in got and tuple(got[p].shape) != s.shape) or (p not in got and
+                                                                                        not tree.is_indexer(p))]
+        if bad or extra:
+            where = jax.tree_util.keystr((bad or sorted(extra, key=str))[0])
+            raise ValueError(f"the initial {col} do not fit the model config (shapes or names differ, first at "
+                             f"{where}): use the config the initial checkpoint was trained with")
+        fresh = [p for p, _ in want if p not in got]
+        if fresh:
+            H.log(f"note: {len(fresh)} {col} arrays are not in the initial checkpoint (DSA's indexer): they start "
+                  "from their initialisation")
+        # copies (may_alias=False): the step donates the state, which must not delete the caller's arrays
+        placed[col] = jax.tree_util.tree_map_with_path(
+            lambda p, s: jax.device_put(got[p], s.sharding, may_alias=False) if p in got else s, state[col])
     return {**state, **placed}
 
 
