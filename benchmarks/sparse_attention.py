@@ -104,10 +104,23 @@ def _decode_step_s(size, args, shape, scale):
             time_fn(sparse_step, q, k, v, kc, vc, gates, pos, iters=args.iters))
 
 
+def _decode_rate(cfg, variables, prompt, t, new):
+    """Decode tokens/s of one ``generate`` call, prefill excluded: it streams (``on_tokens``, a host sync every
+    ``STREAM_CHUNK`` steps), and the rate is the tokens gained after the first callback (the prefill's token)
+    over the time since it. ``eos_id=-1``: no early stop (a random model emits its EOS id sooner or later)."""
+    stamps = []
+    dsj.generate(cfg, variables, prompt, new, max_len=t, eos_id=-1,
+                 on_tokens=lambda gained: stamps.append((time.perf_counter(), len(gained[0]))))
+    tokens = sum(n for _, n in stamps[1:])
+    assert tokens + stamps[0][1] == new, stamps
+    return tokens / (stamps[-1][0] - stamps[0][0])
+
+
 def _generate_tokens_per_s(lengths, iters):
     """Decode tokens/s of a one-layer MLA model (d_model 512, 16 heads, latent 512 + 64, V3's head sizes) with
     dense attention, NSA (the paper's sizes) and DSA (top-2048, 4 indexer heads of 128): ``generate`` after a
-    prompt filling the context to each length, per token = (time for 40 new tokens - time for 8) / 32."""
+    prompt filling the context to each length, 41 new tokens, the median over ``iters`` calls of the rate after
+    the prefill (:func:`_decode_rate`)."""
     base = dict(vocab_size=256, d_model=512, n_layers=1, intermediate_size=1024, max_position_embeddings=16384,
                 attention=dict(kind="mla", n_heads=16, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128,
                                qk_rope_head_dim=64, v_head_dim=128))
@@ -121,16 +134,9 @@ def _generate_tokens_per_s(lengths, iters):
         out[name] = {}
         for t in lengths:
             prompt = [list(np.random.default_rng(t).integers(0, 256, t - 48))]
-            times = {}
-            for new in (8, 40):
-                dsj.generate(cfg, variables, prompt, new, max_len=t)  # compile
-                best = []
-                for _ in range(iters):
-                    t0 = time.perf_counter()
-                    dsj.generate(cfg, variables, prompt, new, max_len=t)
-                    best.append(time.perf_counter() - t0)
-                times[new] = sorted(best)[len(best) // 2]
-            out[name][t] = round(32 / max(times[40] - times[8], 1e-9), 1)
+            _decode_rate(cfg, variables, prompt, t, 41)  # compile
+            rates = sorted(_decode_rate(cfg, variables, prompt, t, 41) for _ in range(iters))
+            out[name][t] = round(rates[len(rates) // 2], 1)
             print(json.dumps({"generate": name, "length": t, "tokens_per_s": out[name][t]}), file=sys.stderr,
                   flush=True)
     return out
