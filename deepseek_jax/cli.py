@@ -35,6 +35,7 @@ from deepseek_jax.train.corpus import read_documents
 from deepseek_jax.train.data import DataConfig, eos_id, split_documents
 from deepseek_jax.train.lock import RunLocked
 from deepseek_jax.train.loop import TrainingDiverged, train
+from deepseek_jax.train.plan import PlanUnavailable, format_plan, plan
 from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, RunDir, load_run
 from deepseek_jax.train.step import step_layout_report
 from deepseek_jax.train.synthetic import NIAHConfig
@@ -368,6 +369,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    r = plan(cfg, args.topology, args.mesh, batch=args.batch, seq=args.seq, remat=args.remat, fp8=args.fp8,
+             moments=args.moments)
+    print(json.dumps(r, indent=1, default=float) if args.json else format_plan(r))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek models in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -386,6 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remat", default="none", help="with --mesh: the training step's recomputation policy "
                    "(train.remat: none, full or deepseek)")
     p.set_defaults(fn=_info)
+
+    pl = sub.add_parser("plan", help="compile the train step for a TPU slice here: memory vs HBM, FLOPs, roofline")
+    pl.add_argument("--config", required=True, help="a preset name or YAML path, e.g. deepseek-v3-671b")
+    pl.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:16x16, v6e:4x4, v4:2x2x1")
+    pl.add_argument("--mesh", help="axes over the slice's devices, e.g. fsdp=8,expert=8 (default: all fsdp)")
+    pl.add_argument("--batch", type=int, default=0, help="global batch (default: one row per device)")
+    pl.add_argument("--seq", type=_positive, default=4096)
+    pl.add_argument("--remat", default="full", help="none, full or deepseek")
+    pl.add_argument("--fp8", action="store_true", help="the model's FP8 recipe on (fp8.enabled)")
+    pl.add_argument("--moments", default="float32", help="AdamW moments dtype (float32 or bfloat16)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.set_defaults(fn=_plan)
 
     t = sub.add_parser("train", help="train (or resume) a model: the project's main job")
     t.add_argument("--config", default="configs/tiny.yaml", help="preset name or YAML path (model + train: section)")
@@ -419,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RunLocked, CheckpointWriteError, CheckpointCorrupt, RewardError) as e:
+    except (ValueError, FileNotFoundError, RunLocked, CheckpointWriteError, CheckpointCorrupt, RewardError,
+            PlanUnavailable) as e:
         print(f"deepseek-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

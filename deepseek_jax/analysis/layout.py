@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
@@ -24,7 +25,7 @@ from deepseek_jax.nn import tree
 from deepseek_jax.nn.placement import check_layout, logical_tree
 from deepseek_jax.parallel.rules import logical_spec
 
-__all__ = ["hlo_collectives", "layout_report", "format_report"]
+__all__ = ["hlo_collectives", "collectives_by_axis", "layout_report", "format_report"]
 
 _KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"=\s*(\([^()]*\)|\S+)\s+(" + "|".join(_KINDS) + r")(?:-start)?\(")
@@ -46,22 +47,60 @@ def _group_size(line: str) -> int | None:
     return None
 
 
-def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """``{kind: {"count": n, "bytes": b}}`` over the collectives in compiled HLO text (per device).
-    Collectives whose replica groups hold one device each move nothing and are left out."""
-    out: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "bytes": 0})
+def _collective_ops(hlo_text: str):
+    """``(kind, bytes of the result on one device, the op's HLO line)`` of every collective moving data."""
     for m in _OP.finditer(hlo_text):
         line_end = hlo_text.find("\n", m.end())
-        if _group_size(hlo_text[m.start(): line_end if line_end >= 0 else None]) == 1:
+        line = hlo_text[m.start(): line_end if line_end >= 0 else None]
+        if _group_size(line) == 1:
             continue
         kind, result = m.group(2), m.group(1)
         shapes = _SHAPE.findall(result)
         if "-start(" in m.group(0) and len(shapes) > 1:
             shapes = shapes[len(shapes) // 2:]  # async start ops return (operands..., results...)
-        nbytes = sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in shapes)
+        yield kind, sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in shapes), line
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """``{kind: {"count": n, "bytes": b}}`` over the collectives in compiled HLO text (per device).
+    Collectives whose replica groups hold one device each move nothing and are left out."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "bytes": 0})
+    for kind, nbytes, _ in _collective_ops(hlo_text):
         out[kind]["count"] += 1
         out[kind]["bytes"] += nbytes
     return dict(out)
+
+
+def _first_group(line: str) -> list[int] | None:
+    """Device ids of a collective's first replica group (explicit ``{{0,1},...}`` or iota ``[g,s]<=[dims]T(perm)``
+    form), or a collective-permute's first source/target pair; None when not recognised."""
+    if m := re.search(r"(?:replica_groups|source_target_pairs)=\{\{([^}]*)\}", line):
+        return [int(x) for x in m.group(1).split(",") if x.strip()]
+    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line):
+        dims = [int(x) for x in m.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+        return ids.reshape(int(m.group(1)), int(m.group(2)))[0].tolist()
+    return None
+
+
+def collectives_by_axis(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, dict[str, dict[str, int]]]:
+    """``{kind: {axes: {"count", "bytes"}}}``: each collective attributed to the mesh axes its devices differ
+    along (device ids are positions in the mesh's device array, axes in ``mesh_shape``'s order), e.g.
+    ``"fsdp"`` or ``"data+fsdp"``; ``"?"`` where the groups' format is not recognised."""
+    names, shape = list(mesh_shape), tuple(mesh_shape.values())
+    out: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"count": 0, "bytes": 0}))
+    for kind, nbytes, line in _collective_ops(hlo_text):
+        group = _first_group(line)
+        if group is None or max(group) >= math.prod(shape):
+            axes = "?"
+        else:
+            coords = np.array(np.unravel_index(group, shape)).T  # [group, axes]
+            axes = "+".join(n for n, c in zip(names, coords.T) if len(set(c.tolist())) > 1) or "?"
+        out[kind][axes]["count"] += 1
+        out[kind][axes]["bytes"] += nbytes
+    return {k: dict(v) for k, v in out.items()}
 
 
 def _per_device_bytes(shape: tuple[int, ...], dtype: Any, spec: P, mesh: Mesh) -> int:

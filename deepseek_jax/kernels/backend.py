@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["FAST_KERNEL_BACKENDS", "has_fast_kernels", "vary", "vary_like", "cotangent_like"]
+__all__ = ["FAST_KERNEL_BACKENDS", "current_platform", "has_fast_kernels", "vary", "vary_like", "cotangent_like"]
 
 FAST_KERNEL_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
+def current_platform() -> str:
+    """The platform the program being traced is for: that of the ambient mesh's devices (``jax.set_mesh``), so
+    a step compiled for a TPU topology's compile-only devices on a CPU host gets the TPU kernels; without a mesh
+    (or one of size 1, which the train step does not enter) ``jax.default_backend()``."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def has_fast_kernels(backend: str | None = None) -> bool:
     """True on GPU/TPU, whose ``ragged_dot`` and FP8 dots are native kernels; False on XLA:CPU, where
-    ``ragged_dot`` is a dense fallback and FP8 is an upcast (so the CPU paths simulate instead)."""
-    return (backend or jax.default_backend()) in FAST_KERNEL_BACKENDS
+    ``ragged_dot`` is a dense fallback and FP8 is an upcast (so the CPU paths simulate instead). ``backend``
+    defaults to :func:`current_platform`."""
+    return (backend or current_platform()) in FAST_KERNEL_BACKENDS
 
 
 def vary(x: jax.Array, axes) -> jax.Array:

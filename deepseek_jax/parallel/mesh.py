@@ -6,6 +6,8 @@ import math
 from typing import Sequence
 
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "parse_mesh", "mesh_size", "make_mesh", "describe", "manual_axes"]
@@ -46,7 +48,8 @@ def describe(axes: dict[str, int]) -> str:
 
 
 def make_mesh(axes: dict[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with all five axes (unnamed ones have size 1); the sizes must multiply to the device count."""
+    """A mesh with all five axes (unnamed ones have size 1) over ``devices`` (default ``jax.devices()``; any list,
+    e.g. a TPU topology's compile-only devices); the sizes must multiply to the device count."""
     if isinstance(axes, str):
         axes = parse_mesh(axes)
     _check_axes(axes)
@@ -56,7 +59,20 @@ def make_mesh(axes: dict[str, int] | str, devices: Sequence[jax.Device] | None =
         desc = " x ".join(f"{a}={axes[a]}" for a in MESH_AXES if a in axes) or "(empty)"
         raise ValueError(f"mesh {desc} has {math.prod(shape)} devices but {len(devices)} are in use; "
                          "make the sizes multiply to the device count")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        if devices[0].platform != "tpu":
+            raise
+    # TPU devices follow the physical torus: a logical axis may have to span (split) physical axes, e.g.
+    # expert=32 on v5p:8x8x4, which jax.make_mesh allows on v5e only; core-level devices (a v4 topology lists
+    # both cores of a chip) have no physical mapping at all: then the devices in the order given
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def manual_axes() -> frozenset[str]:

@@ -50,6 +50,7 @@ class TrainFns:
     eval: Callable  # (params, router, batch) -> (nll_sum, count) of the main next-token loss
     batch_sharding: NamedSharding
     compile_step: Callable  # () -> jax.stages.Compiled: the step for abstract arguments (nothing allocated)
+    lower_step: Callable  # () -> jax.stages.Lowered: the same, lowered only (its StableHLO names the kernels)
 
 
 def mesh_for(mesh_text: str) -> Mesh:
@@ -143,17 +144,24 @@ def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh
     jit_eval = jax.jit(evaluate, in_shardings=(state_sh[tree.PARAMS], state_sh[tree.ROUTER], batch_sh))
     jit_init = jax.jit(init, out_shardings=state_sh)
 
-    def compile_step() -> jax.stages.Compiled:
+    def lower_step() -> jax.stages.Lowered:
+        key = jax.random.key(0)
         with jax.set_mesh(mesh):
-            state = jax.eval_shape(jit_init, jax.random.key(0))
+            state = jax.eval_shape(jit_init, key)
             state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sh)
             batch = {k: jax.ShapeDtypeStruct((sc.batch_size, sc.seq_len), jnp.int32, sharding=batch_sh)
                      for k in BATCH_KEYS}
-            return jit_step.lower(state, batch, hyper(1.0, 1e-3)).compile()
+            hyp = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=replicated)
+                   for k, v in hyper(1.0, 1e-3).items()}
+            return jit_step.lower(state, batch, hyp)
+
+    def compile_step() -> jax.stages.Compiled:
+        with jax.set_mesh(mesh):
+            return lower_step().compile()
 
     wrap = functools.partial(_in_mesh, mesh)
     return TrainFns(init=wrap(jit_init), step=wrap(jit_step), eval=wrap(jit_eval), batch_sharding=batch_sh,
-                    compile_step=compile_step)
+                    compile_step=compile_step, lower_step=lower_step)
 
 
 def _grad_fn(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh: Mesh) -> Callable:
@@ -206,8 +214,9 @@ def _state_shardings(cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformat
     var_sh = param_shardings(cfg, mesh)
     if pipelined:
         var_sh = stage_shardings(cfg, mesh, var_sh)
+    key = jax.random.key(0)  # made outside the mesh: its devices may be compile-only (a TPU topology)
     with jax.set_mesh(mesh):
-        abstract = jax.eval_shape(init, jax.random.key(0))
+        abstract = jax.eval_shape(init, key)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], var_sh[tree.PARAMS],
                                    transform_non_params=lambda _: replicated)
     return {tree.PARAMS: var_sh[tree.PARAMS], tree.ROUTER: var_sh.get(tree.ROUTER, {}), "opt_state": opt_sh,

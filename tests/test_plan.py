@@ -1,0 +1,157 @@
+"""Planning at scale (``deepseek-jax plan``): the real training step compiled for a TPU slice on this CPU host
+(deviceless, ``libtpu`` from the ``tpu-plan`` extra), checked against analytic models: argument bytes = the
+sharded state + batch, compiler FLOPs = the model's 6N + attention (plus the compiler's static accounting of
+the ragged weight gradient and the expert-parallel buffers), the TPU kernels chosen by the mesh's platform,
+collectives attributed to mesh axes, a layout over the HBM budget reported as not fitting."""
+
+import importlib.util
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from deepseek_jax.analysis.chips import CHIPS, parse_topology, roofline
+from deepseek_jax.analysis.layout import collectives_by_axis
+from deepseek_jax.kernels.backend import current_platform, has_fast_kernels
+from deepseek_jax.parallel.mesh import make_mesh
+
+needs_tpu_compiler = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                        reason="the TPU compiler (libtpu, extra 'tpu-plan') is not installed")
+
+
+def test_topologies_and_their_errors():
+    assert parse_topology("v5p:4x4x4")[1:] == (CHIPS["v5p"], 64)
+    assert parse_topology("v5e:16x16")[2] == 256 and parse_topology("h100:256")[2] == 256
+    with pytest.raises(ValueError, match="v5p:4x4x4"):
+        parse_topology("tpu7:2x2")
+
+
+def test_roofline_bounds_and_mfu():
+    chip = CHIPS["v5p"]
+    r = roofline(chip, flops=459e12, hbm_bytes=2765e9 / 2, collective_bytes=1200e9 / 4, model_flops=459e12 * 0.75)
+    assert r["compute_s"] == pytest.approx(1.0) and r["memory_s"] == pytest.approx(0.5)
+    assert r["collective_s"] == pytest.approx(0.25) and r["bound"] == "compute"
+    assert r["step_s_overlapped"] == pytest.approx(1.0) and r["step_s_serial"] == pytest.approx(1.75)
+    assert r["mfu_overlapped"] == pytest.approx(0.75) and r["mfu_serial"] == pytest.approx(0.75 / 1.75)
+
+
+def test_collectives_are_attributed_to_the_mesh_axes_their_groups_span():
+    """Device ids are positions in the mesh's device array (axes in order data, fsdp, expert): explicit groups,
+    the iota form with a transpose, and a collective-permute's pairs."""
+    shape = {"data": 2, "fsdp": 2, "expert": 2}
+    hlo = "\n".join([
+        "%a = f32[8,4]{1,0} all-gather(f32[4,4]{1,0} %x), replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={0}",
+        "%b = f32[16]{0} all-reduce(f32[16]{0} %y), replica_groups=[2,4]<=[8], to_apply=%add",
+        "%c = bf16[2,8]{1,0} all-to-all(bf16[2,8]{1,0} %z), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}",
+        "%d = f32[4]{0} collective-permute(f32[4]{0} %w), source_target_pairs={{0,4},{4,0}}",
+    ])
+    got = collectives_by_axis(hlo, shape)
+    assert got["all-gather"] == {"expert": {"count": 1, "bytes": 8 * 4 * 4}}
+    assert got["all-reduce"] == {"fsdp+expert": {"count": 1, "bytes": 64}}
+    # [4,2]<=[2,4]T(1,0): groups {0,4},{1,5},...: ids 4 apart differ in data only
+    assert got["all-to-all"] == {"data": {"count": 1, "bytes": 32}}
+    assert got["collective-permute"] == {"data": {"count": 1, "bytes": 16}}
+
+
+def test_kernels_follow_the_mesh_platform_not_the_host():
+    assert current_platform() == "cpu" and not has_fast_kernels()
+    with jax.set_mesh(make_mesh({"data": 2}, jax.devices()[:2])):
+        assert current_platform() == "cpu"
+
+
+def _plan_json(capsys, *args):
+    from deepseek_jax.cli import main
+
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def tiny_ep():
+    """``tiny`` (MoE, MLA, MTP) on v5p:2x2x2 as data=2 x expert=4, no remat (layer stacks unrolled: XLA's cost
+    analysis counts a rolled loop's body once), 8 x 256 tokens."""
+    from deepseek_jax.config import load_config
+    from deepseek_jax.train.plan import plan
+
+    return plan(load_config("tiny"), "v5p:2x2x2", "data=2,expert=4", batch=8, seq=256, remat="none")
+
+
+@needs_tpu_compiler
+def test_argument_bytes_equal_the_sharded_state_and_batch(tiny_ep):
+    """The compiler's per-chip argument bytes against the sum over every state leaf of its shard's bytes (params,
+    AdamW moments, router biases, step) plus the batch; TPU pads small arrays to its tiles, hence 1%."""
+    got, want = tiny_ep["per_chip_bytes"]["arguments"], tiny_ep["analytic_bytes"]
+    assert got == pytest.approx(want["total"], rel=0.01), (got, want)
+    assert want["opt_state"] == pytest.approx(2 * want["params"], rel=0.01)  # float32 moments like float32 params
+
+
+@needs_tpu_compiler
+def test_compiler_flops_match_the_analytic_model(tiny_ep):
+    r = tiny_ep
+    assert r["flops_per_chip"] == pytest.approx(r["expected_compiler_flops_per_device"], rel=0.10), r
+    assert r["expected_compiler_flops_per_device"] > r["model_flops_per_device"]  # the static ragged accounting
+
+
+@needs_tpu_compiler
+def test_the_tpu_program_has_tpu_kernels_and_expert_all_to_all(tiny_ep):
+    k, c = tiny_ep["kernels"], tiny_ep["collectives"]
+    assert k["ragged-dot"] > 0 and k["ragged_dot (StableHLO)"] > 0  # not the CPU capacity kernel
+    assert set(c["all-to-all"]) == {"expert"}  # the dispatch, over the expert axis only
+    assert tiny_ep["fits"] and 0 < tiny_ep["per_chip_bytes"]["peak"] < tiny_ep["per_chip_bytes"]["capacity"]
+    rf = tiny_ep["roofline"]
+    assert rf["step_s_overlapped"] == max(rf["compute_s"], rf["memory_s"], rf["collective_s"])
+
+
+@needs_tpu_compiler
+def test_a_dense_model_through_the_command_line(capsys):
+    """niah-tiny (dense MLA) on v4:2x2x1 (8 devices: two per chip) all fsdp: FLOPs = 6N + attention within
+    10%, HBM per device half a v4 chip's, the JSON the API promises."""
+    r = _plan_json(capsys, "--config", "niah-tiny", "--topology", "v4:2x2x1", "--batch", "8", "--seq", "64",
+                   "--remat", "none")
+    assert {"fits", "per_chip_bytes", "flops_per_chip", "collectives", "kernels"} <= set(r)
+    assert set(r["per_chip_bytes"]) >= {"arguments", "temp", "peak", "capacity"}
+    assert r["per_chip_bytes"]["capacity"] == pytest.approx(CHIPS["v4"].hbm / 2)
+    assert r["flops_per_chip"] == pytest.approx(r["model_flops_per_device"], rel=0.10)
+    assert set(r["collectives"]["all-gather"]) == {"fsdp"}
+
+
+@needs_tpu_compiler
+def test_a_layout_over_the_hbm_budget_is_reported_not_raised():
+    """The TPU compiler refuses a program over HBM (RESOURCE_EXHAUSTED): the plan says it does not fit."""
+    from deepseek_jax.config import load_config
+    from deepseek_jax.train.plan import plan
+
+    cfg = load_config("deepseek-llm-67b").replace(n_layers=1)  # 2.5B parameters, replicated: 25 GB of state
+    r = plan(cfg, "v5e:2x2", "data=4", batch=4, seq=512, remat="none")
+    assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"]
+    assert r["per_chip_bytes"]["capacity"] == CHIPS["v5e"].hbm
+
+
+def test_a_mesh_over_a_tpu_slice_may_split_physical_axes():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("the TPU compiler (libtpu, extra 'tpu-plan') is not installed")
+    from deepseek_jax.train.plan import topology_devices
+
+    devices = topology_devices("v5p:4x4x4")
+    mesh = make_mesh({"fsdp": 2, "expert": 32}, devices)
+    assert mesh.shape["expert"] == 32 and sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    assert len({d.id for d in np.asarray(mesh.devices).flat}) == 64
+
+
+def test_a_gpu_target_gets_the_analytic_part_only():
+    """No deviceless GPU compiler: the state bytes per chip by the rules table (params + float32 gradients + two
+    AdamW moments) and the compute bound, with ``fits`` unknown."""
+    from deepseek_jax.analysis.params import flops_per_token
+    from deepseek_jax.config import load_config
+    from deepseek_jax.train.plan import plan
+
+    cfg = load_config("tiny")
+    r = plan(cfg, "h100:8", "fsdp=4,expert=2", batch=8, seq=256, moments="bfloat16")
+    b = r["per_chip_bytes"]
+    assert r["fits"] is None and r["compiled"] is False and "no deviceless compiler" in r["note"]
+    assert b["grads"] == b["params"] and b["optimizer"] == b["params"]  # float32 params: bf16 moments = 2 x 2 B
+    assert b["state"] == b["params"] + b["grads"] + b["optimizer"] and b["capacity"] == CHIPS["h100"].hbm
+    model = flops_per_token(cfg, 256) * 8 * 256 / 8
+    assert r["model_flops_per_device"] == pytest.approx(model)
+    assert r["roofline"]["compute_s"] == pytest.approx(model * 8 / 6 / CHIPS["h100"].bf16)  # remat full
