@@ -124,8 +124,9 @@ def test_a_layout_over_the_hbm_budget_is_reported_not_raised():
 
     cfg = load_config("deepseek-llm-67b").replace(n_layers=1)  # 2.5B parameters, replicated: 25 GB of state
     r = plan(cfg, "v5e:2x2", "data=4", batch=4, seq=512, remat="none")
-    assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"]
-    assert r["per_chip_bytes"]["capacity"] == CHIPS["v5e"].hbm
+    b = r["per_chip_bytes"]  # the compiler's numbers: what it needs, and the HBM it can use (less than 16 GiB)
+    assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"] and b["peak"] > b["capacity"]
+    assert 0.9 * CHIPS["v5e"].hbm < b["capacity"] <= CHIPS["v5e"].hbm
 
 
 def test_a_mesh_over_a_tpu_slice_may_split_physical_axes():

@@ -35,9 +35,9 @@ class Chip:
 
 CHIPS = {
     "v4": Chip("TPU v4", 275e12, 275e12, 32 * GIB, 1200 * GB, 300 * GB, True),
-    "v5e": Chip("TPU v5e", 197e12, 394e12, 16 * GB, 819 * GB, 400 * GB, True),
+    "v5e": Chip("TPU v5e", 197e12, 394e12, 16 * GIB, 819 * GB, 400 * GB, True),
     "v5p": Chip("TPU v5p", 459e12, 459e12, 95 * GIB, 2765 * GB, 1200 * GB, True),
-    "v6e": Chip("TPU v6e", 918e12, 1836e12, 32 * GB, 1638 * GB, 800 * GB, True),
+    "v6e": Chip("TPU v6e", 918e12, 1836e12, 32 * GIB, 1638 * GB, 800 * GB, True),
     "h100": Chip("NVIDIA H100 SXM", 989e12, 1979e12, 80 * GB, 3350 * GB, 900 * GB, False),
     "h800": Chip("NVIDIA H800 SXM", 989e12, 1979e12, 80 * GB, 3350 * GB, 400 * GB, False),
     "h200": Chip("NVIDIA H200 SXM", 989e12, 1979e12, 141 * GB, 4800 * GB, 900 * GB, False),

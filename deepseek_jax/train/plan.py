@@ -39,8 +39,7 @@ __all__ = ["plan", "format_plan", "topology_devices", "PlanUnavailable"]
 
 KERNELS = ("ragged-dot", "ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce",
            "collective-permute")
-_TOO_BIG = re.compile(r"RESOURCE_EXHAUSTED.*?(?:Used|used)\s+([\d.]+)([KMGT]?)(?:i?B)?\s+of\s+([\d.]+)([KMGT]?)",
-                      re.S)
+_TOO_BIG = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
 _UNIT = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
@@ -136,10 +135,10 @@ def plan(cfg: ModelConfig, topology: str, mesh: dict[str, int] | str | None = No
     except Exception as e:  # the TPU compiler refuses a program over the HBM budget
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        hit = _TOO_BIG.search(str(e))
-        used = float(hit.group(1)) * _UNIT[hit.group(2)] if hit else None
+        hit = _TOO_BIG.search(str(e))  # "... temporaries (19.22G) exceeds available HBM (15.75G)"
+        need, have = ((float(hit.group(i)) * _UNIT[hit.group(i + 1)] for i in (1, 3)) if hit else (None, capacity))
         out.update(fits=False, compile_s=round(time.perf_counter() - t0, 1), error=str(e).strip().splitlines()[0],
-                   per_chip_bytes={"peak": used, "capacity": capacity})
+                   per_chip_bytes={"peak": need, "capacity": have})
         return out
     out["compile_s"] = round(time.perf_counter() - t0, 1)
     return {**out, **_read(compiled, stable, m, capacity, chip, fp8, out["model_flops_per_device"]),
