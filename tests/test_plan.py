@@ -45,10 +45,14 @@ def test_collectives_are_attributed_to_the_mesh_axes_their_groups_span():
         "%b = f32[16]{0} all-reduce(f32[16]{0} %y), replica_groups=[2,4]<=[8], to_apply=%add",
         "%c = bf16[2,8]{1,0} all-to-all(bf16[2,8]{1,0} %z), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}",
         "%d = f32[4]{0} collective-permute(f32[4]{0} %w), source_target_pairs={{0,4},{4,0}}",
+        # the TPU compiler's own form: a local mesh over iota device ids, the named local axes
+        "%e = f32[3]{0} all-reduce(f32[3]{0} %v), replica_groups=mesh['axis_0'=4,'axis_1'=2], "
+        "device_ids=([2,4]T(1,0)) {'axis_0'}, use_global_device_ids=true",
     ])
     got = collectives_by_axis(hlo, shape)
     assert got["all-gather"] == {"expert": {"count": 1, "bytes": 8 * 4 * 4}}
-    assert got["all-reduce"] == {"fsdp+expert": {"count": 1, "bytes": 64}}
+    # [2,4]T(1,0) as a 4 x 2 mesh: axis_0 runs over ids 0, 1, 2, 3 (fsdp and expert); the iota form too
+    assert got["all-reduce"] == {"fsdp+expert": {"count": 2, "bytes": 64 + 12}}
     # [4,2]<=[2,4]T(1,0): groups {0,4},{1,5},...: ids 4 apart differ in data only
     assert got["all-to-all"] == {"data": {"count": 1, "bytes": 32}}
     assert got["collective-permute"] == {"data": {"count": 1, "bytes": 16}}

@@ -74,6 +74,18 @@ def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 def _first_group(line: str) -> list[int] | None:
     """Device ids of a collective's first replica group (explicit ``{{0,1},...}`` or iota ``[g,s]<=[dims]T(perm)``
     form), or a collective-permute's first source/target pair; None when not recognised."""
+    if re.search(r"replica_groups=\{\}", line):  # one group of every device
+        return [-1]
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\) \{([^}]*)\}",
+                      line):  # the collective's own mesh over device_ids (iota), over the named axes
+        sizes = [(a, int(k)) for a, k in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        dims = [int(x) for x in m.group(2).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        over = set(re.findall(r"'([^']+)'", m.group(4)))
+        ids = ids.reshape([k for _, k in sizes])
+        return ids[tuple(slice(None) if a in over else 0 for a, _ in sizes)].reshape(-1).tolist()
     if m := re.search(r"(?:replica_groups|source_target_pairs)=\{\{([^}]*)\}", line):
         return [int(x) for x in m.group(1).split(",") if x.strip()]
     if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line):
@@ -93,7 +105,9 @@ def collectives_by_axis(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, 
     out: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"count": 0, "bytes": 0}))
     for kind, nbytes, line in _collective_ops(hlo_text):
         group = _first_group(line)
-        if group is None or max(group) >= math.prod(shape):
+        if group == [-1]:
+            axes = "+".join(n for n, k in zip(names, shape) if k > 1) or "?"
+        elif group is None or max(group) >= math.prod(shape):
             axes = "?"
         else:
             coords = np.array(np.unravel_index(group, shape)).T  # [group, axes]
