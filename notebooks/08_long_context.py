@@ -15,7 +15,7 @@
 #
 # DeepSeek-V2 and V3 pre-train at 4K tokens, then switch YaRN on and fine-tune briefly at a longer length
 # (V3: 4K -> 32K -> 128K, 1000 steps each), and show the result as needle-in-a-haystack heatmaps. Here is the
-# same recipe at CPU scale (long-context.md §4-5), in about five minutes on 2 cores:
+# same recipe at CPU scale (long-context.md §4-5), in about 25 minutes on 2 cores (with the sparse models):
 #
 # 1. a 0.45M-parameter 2-layer MLA model trained **without** YaRN at L = 64 tokens on synthetic pass keys
 #    (`configs/niah-tiny.yaml`: `PASS d1 .. d5` hidden in random filler words, `Q PASS` asks for it, the loss
@@ -24,7 +24,7 @@
 #    without training, (c) after a short fine-tune at 2L with that YaRN (`configs/niah-tiny-yarn.yaml`,
 #    started from the run's weights);
 # 3. the answer's perplexity by the needle's position in 4L-token samples;
-# 4. the KV cache: MLA's latent against a GQA model of equal parameters trained the same way.
+# 4. the KV cache: MLA's latent against a GQA model of equal parameters trained on the same data.
 #
 # Every stage is a normal run folder under `NIAH_OUT` (default `runs/niah-notebook`); the test suite executes
 # this notebook and checks its `results.json` against the calibrated floors (README, "Long context").
@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from deepseek_jax.eval.long_context import answer_nll, niah_eval, parse_depths, plot_niah  # noqa: E402
 from deepseek_jax.train.config import load_run_config  # noqa: E402
 from deepseek_jax.train.loop import train  # noqa: E402
+from deepseek_jax.train.metrics_log import read_metrics  # noqa: E402
 from deepseek_jax.train.run_dir import load_run  # noqa: E402
 from deepseek_jax.train.synthetic import make_sample  # noqa: E402
 
@@ -75,7 +76,7 @@ def grid(name, cfg, variables, scoring="argmax", lengths=LENGTHS, samples=SAMPLE
 
 # %% [markdown]
 # ## 1 · Train at L = 64 without YaRN
-# 1000 steps of 64 rows of 64 tokens; each row packs samples of random lengths in [21, 64] with the needle at a
+# 1500 steps of 64 rows of 64 tokens; each row packs samples of random lengths in [21, 64] with the needle at a
 # random depth. The answer loss sits on a plateau, then falls to ~0 once the model finds the pass key by
 # content (an induction circuit: "the digit after PASS, then the digit after that one").
 
@@ -151,8 +152,8 @@ for name, nll in ppl.items():
 # ## 5 · The cache: MLA's latent against GQA of equal parameters
 # The GQA model (`configs/niah-tiny-gqa.yaml`, 443K parameters against MLA's 447K: 4 query heads sharing 2
 # K/V heads of 32) caches 2 x 2 x 32 = 128 numbers per token and layer; MLA caches its 64-wide latent plus the
-# 16-wide RoPE key: 80. Both are trained the same way (GQA without YaRN, so it fails past L like (a)); the bytes
-# are measured from the caches `generate` allocates at each length, next to the formula.
+# 16-wide RoPE key: 80. GQA trains on the same data for 1000 steps (without YaRN, so it fails past L like
+# (a)); the bytes are measured from the caches `generate` allocates at each length, next to the formula.
 
 # %%
 gcfg, gvars, _ = run("gqa", "niah-tiny-gqa.yaml")
@@ -165,12 +166,41 @@ print("whole cache of one sequence (KiB):", {n: {k: c["measured_bytes_per_token"
                                                  for k, c in cache.items()} for n in LENGTHS})
 print("exact match at L:", {"mla": results["no_yarn"]["by_length"][str(L)], "gqa": results["gqa"]["by_length"][str(L)]})
 
+# %% [markdown]
+# ## 6 · Sparse attention: NSA trained natively, DSA added to the trained dense model
+# **NSA** (`configs/niah-tiny-nsa.yaml`) is the same model and data (1000 steps) with every attention layer
+# Native Sparse Attention at sizes for L = 64: compressed blocks of 8 every 4, 5 selected blocks of 8 (the
+# first and the 2 local ones forced) and a window of 8 -- a query at 64 reads 15 compressed keys and 48 tokens.
+# **DSA** follows DeepSeek-V3.2: the trained dense model above gains a lightning indexer, a dense warm-up of 200
+# steps trains the indexer alone against the attention (`configs/niah-tiny-dsa-warmup.yaml`, KL), then 300 sparse
+# steps where each query attends to its indexer's top 16 keys (`configs/niah-tiny-dsa.yaml`). Neither uses YaRN.
+
+# %%
+ncfg, nvars, _ = run("nsa", "niah-tiny-nsa.yaml")
+print(f"NSA trained in {seconds['nsa']} s")
+grid("nsa", ncfg, nvars)
+_, wvars, _ = run("dsa_warmup", "niah-tiny-dsa-warmup.yaml", init=variables)
+dcfg, dvars, _ = run("dsa", "niah-tiny-dsa.yaml", init=wvars)
+print(f"DSA: indexer warm-up {seconds['dsa_warmup']} s, sparse stage {seconds['dsa']} s")
+grid("dsa", dcfg, dvars)
+kl = {name: [r["indexer_kl"] for r in read_metrics(OUT / name / "metrics.jsonl") if r["kind"] == "train"]
+      for name in ("dsa_warmup", "dsa")}
+print("indexer KL (nats) at the start and end of each stage:", {k: (round(v[0], 3), round(v[-1], 3))
+                                                                  for k, v in kl.items()})
+
+fig, ax = plt.subplots(1, 3, figsize=(16, 4))
+for a, (name, title) in zip(ax, [("no_yarn", "dense MLA (a)"), ("nsa", "NSA, trained natively"),
+                                  ("dsa", "DSA top-16: warm-up 200 + sparse 300 steps")]):
+    plot_niah(results[name], ax=a, title=title)
+fig.tight_layout()
+plt.show()
+
 # %%
 summary = {name: {"by_length": r["by_length"], "min_cell_at_most_L": min(
     c["exact"] for c in r["cells"] if c["length"] <= L)} for name, r in results.items()}
 curves = {k: {"needle_index": where.tolist(), "nll": x.tolist()} for k, x in ppl.items()}
 (OUT / "results.json").write_text(json.dumps({"results": summary, "cells": {k: r["cells"] for k, r in results.items()},
-                                              "agree": agree, "cache": cache, "answer_nll": curves,
+                                              "agree": agree, "cache": cache, "answer_nll": curves, "indexer_kl": kl,
                                               "seconds": seconds}, indent=1))
 for name, s in summary.items():
     print(f"{name:>22}: {s['by_length']}")
