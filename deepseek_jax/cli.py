@@ -35,7 +35,7 @@ from deepseek_jax.train.corpus import read_documents
 from deepseek_jax.train.data import DataConfig, eos_id, split_documents
 from deepseek_jax.train.lock import RunLocked
 from deepseek_jax.train.loop import TrainingDiverged, train
-from deepseek_jax.train.plan import PlanUnavailable, format_plan, plan
+from deepseek_jax.train.plan import PlanUnavailable, format_plan, format_search, plan, search
 from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, RunDir, load_run
 from deepseek_jax.train.step import step_layout_report
 from deepseek_jax.train.synthetic import NIAHConfig
@@ -122,15 +122,10 @@ def _pipeline(cfg, args: argparse.Namespace) -> int:
 
 
 def _layout(cfg, args: argparse.Namespace) -> int:
-    axes = parse_mesh(args.mesh)
-    devices = jax.devices()
-    n = mesh_size(axes)
-    mesh = make_mesh(axes, devices[:n] if jax.default_backend() == "cpu" else devices)
+    axes, devices = parse_mesh(args.mesh), jax.devices()
+    mesh = make_mesh(axes, devices[:mesh_size(axes)] if jax.default_backend() == "cpu" else devices)
     report = step_layout_report(cfg, mesh, batch=args.batch, seq=args.seq, remat=args.remat, compile=not args.no_step)
-    if args.json:
-        print(json.dumps(report, indent=1, default=str))
-    else:
-        print(format_report(report))
+    print(json.dumps(report, indent=1, default=str) if args.json else format_report(report))
     return 0
 
 
@@ -370,10 +365,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    r = plan(cfg, args.topology, args.mesh, batch=args.batch, seq=args.seq, remat=args.remat, fp8=args.fp8,
-             moments=args.moments)
-    print(json.dumps(r, indent=1, default=float) if args.json else format_plan(r))
+    cfg, kw = load_config(args.config), dict(seq=args.seq, moments=args.moments, fp8=args.fp8)
+    if args.search:
+        r = search(cfg, args.topology, args.batch, max_compiles=args.max_compiles, **kw,
+                   progress=lambda i, n, mesh, remat: _log(f"compiling {i + 1}/{n}: {mesh}, {remat}"))
+    else:
+        r = plan(cfg, args.topology, args.mesh, batch=args.batch, remat=args.remat, **kw)
+    print(json.dumps(r, indent=1, default=float) if args.json else (format_search if args.search else format_plan)(r))
     return 0
 
 
@@ -405,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--remat", default="full", help="none, full or deepseek")
     pl.add_argument("--fp8", action="store_true", help="the model's FP8 recipe on (fp8.enabled)")
     pl.add_argument("--moments", default="float32", help="AdamW moments dtype (float32 or bfloat16)")
+    pl.add_argument("--search", action="store_true", help="rank layouts x remat: compile the most promising")
+    pl.add_argument("--max-compiles", type=_positive, default=4)
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.set_defaults(fn=_plan)
 

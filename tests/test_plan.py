@@ -160,3 +160,45 @@ def test_a_gpu_target_gets_the_analytic_part_only():
     model = flops_per_token(cfg, 256) * 8 * 256 / 8
     assert r["model_flops_per_device"] == pytest.approx(model)
     assert r["roofline"]["compute_s"] == pytest.approx(model * 8 / 6 / CHIPS["h100"].bf16)  # remat full
+
+
+def test_candidate_layouts_are_every_valid_factorisation():
+    """The candidates are exactly the data x fsdp x expert x tensor products of 8 (a brute force) that the layout
+    check accepts for tiny and a batch of 8, and shrink with the batch (data x fsdp x expert must divide it)."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    from deepseek_jax.config import load_config
+    from deepseek_jax.nn.placement import check_layout
+    from deepseek_jax.parallel.mesh import MESH_AXES
+    from deepseek_jax.train.plan import candidate_layouts
+
+    cfg = load_config("tiny")
+
+    def ok(axes, batch):
+        try:
+            check_layout(cfg, AbstractMesh(tuple(axes.get(a, 1) for a in MESH_AXES), MESH_AXES,
+                                           axis_types=(AxisType.Auto,) * 5), global_batch=batch)
+            return True
+        except ValueError:
+            return False
+    full = [{"data": d, "fsdp": f, "expert": e, "tensor": t} for d in (1, 2, 4, 8) for f in (1, 2, 4, 8)
+            for e in (1, 2, 4, 8) for t in (1, 2, 4, 8) if d * f * e * t == 8]
+    for batch in (8, 2):
+        want = sorted(str({k: v for k, v in a.items() if v > 1}) for a in full if ok(a, batch))
+        got = candidate_layouts(cfg, 8, batch=batch)
+        assert sorted(map(str, got)) == want and len(want) < len(full), batch
+    assert len(candidate_layouts(cfg, 8, batch=2)) < len(candidate_layouts(cfg, 8, batch=8))
+
+
+@needs_tpu_compiler
+def test_search_estimates_every_layout_and_compiles_the_most_promising(capsys):
+    from deepseek_jax.cli import main
+
+    assert main(["plan", "--config", "niah-tiny", "--topology", "v5p:2x2x1", "--batch", "8", "--seq", "64",
+                 "--search", "--max-compiles", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["candidates"] == len(r["estimated"]) > 1 and len(r["compiled"]) == 1
+    best = r["estimated"][0]
+    assert best["fits_estimate"] and r["compiled"][0]["mesh"] == best["mesh"] and r["compiled"][0]["fits"]
+    assert [x["step_s"] for x in r["estimated"] if x["fits_estimate"]] == sorted(
+        x["step_s"] for x in r["estimated"] if x["fits_estimate"])

@@ -27,6 +27,7 @@ from jax.sharding import AbstractMesh, AxisType
 from deepseek_jax.analysis.chips import parse_topology, roofline
 from deepseek_jax.analysis.layout import collectives_by_axis, layout_report
 from deepseek_jax.analysis.params import flops_per_token, param_counts
+from deepseek_jax.nn.placement import check_layout
 from deepseek_jax.config import FP8Config, ModelConfig
 from deepseek_jax.parallel.expert import dispatch_capacity
 from deepseek_jax.parallel.mesh import BATCH_AXES, MESH_AXES, describe, make_mesh, parse_mesh
@@ -35,7 +36,8 @@ from deepseek_jax.train.objectives import Pretrain
 from deepseek_jax.train.optim import OptimConfig
 from deepseek_jax.train.step import make_train_fns
 
-__all__ = ["plan", "format_plan", "topology_devices", "PlanUnavailable"]
+__all__ = ["plan", "format_plan", "topology_devices", "PlanUnavailable", "candidate_layouts", "search",
+           "format_search"]
 
 KERNELS = ("ragged-dot", "ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce",
            "collective-permute")
@@ -200,11 +202,11 @@ def format_plan(r: dict[str, Any]) -> str:
     b = r["per_chip_bytes"]
     if r.get("compiled") is False:
         rf = r["roofline"]
-        return "\n".join(lines + [r["note"], f"state per chip: {b['state'] / g:.2f} GiB (params {b['params'] / g:.2f}, "
-                                  f"grads {b['grads'] / g:.2f}, optimizer {b['optimizer'] / g:.2f}) of "
-                                  f"{b['capacity'] / g:.1f} GiB", f"compute bound: {rf['compute_s'] * 1e3:.1f} ms per step"
-                                  f" at the dense {'FP8' if r['fp8'] else 'bf16'} peak ({r['model_flops_per_device']:.3e}"
-                                  " model FLOPs per chip)"])
+        return "\n".join(lines + [
+            r["note"], f"state per chip: {b['state'] / g:.2f} GiB (params {b['params'] / g:.2f}, grads "
+            f"{b['grads'] / g:.2f}, optimizer {b['optimizer'] / g:.2f}) of {b['capacity'] / g:.1f} GiB",
+            f"compute bound: {rf['compute_s'] * 1e3:.1f} ms per step at the dense {'FP8' if r['fp8'] else 'bf16'} peak "
+            f"({r['model_flops_per_device']:.3e} model FLOPs per chip)"])
     if not r["fits"]:
         used = f"{b['peak'] / g:.1f} GiB" if b.get("peak") else "?"
         return "\n".join(lines + [f"DOES NOT FIT: the compiler needs {used} per chip of {b['capacity'] / g:.1f} GiB",
@@ -225,4 +227,96 @@ def format_plan(r: dict[str, Any]) -> str:
                  f"{rf['step_s_serial'] * 1e3:.1f} ms, MFU {rf['mfu_serial']:.1%}..{rf['mfu_overlapped']:.1%} "
                  f"({rf['bound']}-bound)")
     lines.append(f"  ({rf['assumptions']})")
+    return "\n".join(lines)
+
+
+def _factorizations(n: int, parts: int) -> list[tuple[int, ...]]:
+    if parts == 1:
+        return [(n,)]
+    return [(d,) + rest for d in range(1, n + 1) if n % d == 0 for rest in _factorizations(n // d, parts - 1)]
+
+
+def candidate_layouts(cfg: ModelConfig, n_devices: int, batch: int, max_tensor: int = 8) -> list[dict[str, int]]:
+    """Every ``data x fsdp x expert x tensor`` factorisation of ``n_devices`` the model and batch allow
+    (:func:`~deepseek_jax.nn.placement.check_layout`: experts, heads and every sharded dim divisible, the batch
+    over the batch axes, node-limited routing mapping onto the expert shards), ``tensor <= max_tensor``."""
+    out = []
+    for d, f, e, t in _factorizations(n_devices, 4):
+        if t > max_tensor or (cfg.moe is None and e > 1):
+            continue
+        axes = dict(zip(("data", "fsdp", "expert", "tensor"), (d, f, e, t)))
+        m = AbstractMesh(tuple(axes.get(a, 1) for a in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        try:
+            check_layout(cfg, m, global_batch=batch)
+        except ValueError:
+            continue
+        out.append({a: k for a, k in axes.items() if k > 1} or {"data": 1})
+    return out
+
+
+_ACTIVATIONS = {"full": 2, "deepseek": 6, "none": 24}  # saved [tokens, d] tensors per layer: a pruning heuristic
+
+
+def _estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, seq: int, chip, n: int,
+              moments: str) -> dict[str, float]:
+    """Analytic per-chip bytes (state by the rules table + ``_ACTIVATIONS[remat]`` layer inputs per layer) and
+    a step-time estimate (compute at peak; fsdp gathers and reduce-scatters, data all-reduces, expert
+    all-to-alls and tensor all-reduces at the interconnect bandwidth) to rank layouts before compiling."""
+    shape = tuple(axes.get(a, 1) for a in MESH_AXES)
+    rep = layout_report(cfg, AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)), batch,
+                        seq)["bytes_per_device"]
+    state = rep["params"] + rep["grads_f32"] + rep["adam_f32"] * (2 if moments == "bfloat16" else 4) / 4
+    tokens, act = batch * seq / n * axes.get("tensor", 1), np.dtype(cfg.dtype).itemsize
+    layers = cfg.n_layers + cfg.mtp.depth
+    mem = state + _ACTIVATIONS[remat] * tokens * cfg.d_model * act * layers
+    d, f, e, t = (axes.get(a, 1) for a in ("data", "fsdp", "expert", "tensor"))
+    comm = 3 * rep["params"] * (f - 1) + 2 * rep["grads_f32"] * (d - 1) / d
+    if cfg.moe is not None and e > 1:
+        comm += 4 * tokens * cfg.moe.experts_per_token * cfg.d_model * act * cfg.n_moe_layers * (e - 1) / e
+    comm += 4 * 2 * tokens * cfg.d_model * act * layers * (t - 1) / t
+    compute = flops_per_token(cfg, seq) * batch * seq / n * (8 / 6 if remat == "full" else 1) / chip.bf16
+    return {"bytes": mem, "step_s": max(compute, comm / chip.ici)}
+
+
+def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=("full", "deepseek", "none"),
+           max_compiles: int = 4, moments: str = "float32", fp8: bool = False, progress=None) -> dict[str, Any]:
+    """Rank the layouts of a slice: every valid factorisation x remat policy estimated analytically
+    (:func:`_estimate`), those whose estimate fits 90% of HBM ordered by estimated step time, and the first
+    ``max_compiles`` compiled (:func:`plan`). Returns ``{"candidates": n, "estimated": [...], "compiled":
+    [...plans, fitting ones first by roofline step time]}``. ``progress(i, n, axes, remat)`` is called per compile."""
+    _, chip, n_chips = parse_topology(topology)
+    n_dev = len(topology_devices(topology)) if chip.compilable else n_chips
+    capacity = chip.hbm * n_chips / n_dev
+    rows = []
+    for axes in candidate_layouts(cfg, n_dev, batch):
+        for remat in remats:
+            est = _estimate(cfg, axes, remat, batch, seq, chip, n_dev, moments)
+            rows.append({"mesh": describe(axes), "axes": axes, "remat": remat, **est,
+                         "fits_estimate": est["bytes"] <= 0.9 * capacity})
+    rows.sort(key=lambda r: (not r["fits_estimate"], r["step_s"], r["bytes"]))
+    chosen = [r for r in rows if r["fits_estimate"]][:max_compiles] or rows[:max_compiles]
+    compiled = []
+    for i, r in enumerate(chosen):
+        if progress is not None:
+            progress(i, len(chosen), r["mesh"], r["remat"])
+        compiled.append(plan(cfg, topology, r["axes"], batch=batch, seq=seq, remat=r["remat"], fp8=fp8,
+                             moments=moments))
+    compiled.sort(key=lambda p: (not p["fits"], p.get("roofline", {}).get("step_s_overlapped", float("inf"))))
+    return {"topology": topology, "batch": batch, "seq": seq, "candidates": len(rows), "estimated": rows,
+            "compiled": compiled}
+
+
+def format_search(r: dict[str, Any]) -> str:
+    """The ranked table of :func:`search`."""
+    g = 2 ** 30
+    lines = [f"{r['topology']}: {r['candidates']} layouts x remat estimated, {len(r['compiled'])} compiled "
+             f"(batch {r['batch']} x {r['seq']})", "",
+             f"{'mesh':34s} {'remat':9s} {'fits':5s} {'peak GiB':>9s} {'step ms':>9s} {'MFU':>6s} {'compile s':>9s}"]
+    for p in r["compiled"]:
+        b, rf = p["per_chip_bytes"], p.get("roofline", {})
+        peak = f"{b['peak'] / g:9.2f}" if b.get("peak") else f"{'?':>9s}"
+        step = f"{rf['step_s_overlapped'] * 1e3:9.1f}" if rf else f"{'-':>9s}"
+        mfu = f"{rf['mfu_overlapped']:6.1%}" if rf else f"{'-':>6s}"
+        lines.append(f"{p['mesh']:34s} {p['remat']:9s} {str(p['fits']):5s} {peak} {step} {mfu} {p['compile_s']:9.1f}")
     return "\n".join(lines)
