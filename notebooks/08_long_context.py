@@ -15,7 +15,7 @@
 #
 # DeepSeek-V2 and V3 pre-train at 4K tokens, then switch YaRN on and fine-tune briefly at a longer length
 # (V3: 4K -> 32K -> 128K, 1000 steps each), and show the result as needle-in-a-haystack heatmaps. Here is the
-# same recipe at CPU scale (long-context.md §4-5), in about 25 minutes on 2 cores (with the sparse models):
+# same recipe at CPU scale (long-context.md §4-5), in about 20 minutes on 2 cores (with the sparse models):
 #
 # 1. a 0.45M-parameter 2-layer MLA model trained **without** YaRN at L = 64 tokens on synthetic pass keys
 #    (`configs/niah-tiny.yaml`: `PASS d1 .. d5` hidden in random filler words, `Q PASS` asks for it, the loss

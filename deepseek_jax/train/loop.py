@@ -159,9 +159,7 @@ def start_from(state: dict, variables: dict) -> dict:
     checkpoint), in which case it keeps its fresh initialisation. ``variables`` are copied, never aliased."""
     placed = {}
     for col in (tree.PARAMS, tree.ROUTER):
-        if col not in variables:
-            continue
-        got = {p: a for p, a in jax.tree_util.tree_flatten_with_path(variables[col])[0]}
+        got = {p: a for p, a in jax.tree_util.tree_flatten_with_path(variables.get(col, {}))[0]}
         want = jax.tree_util.tree_flatten_with_path(state[col])[0]
         extra = set(got) - {p for p, _ in want}
         bad = [p for p, s in want if (p in got and tuple(got[p].shape) != s.shape) or (p not in got and
