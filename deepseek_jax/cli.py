@@ -18,6 +18,7 @@ from deepseek_jax.analysis.layout import format_report
 from deepseek_jax.analysis.params import model_info
 from deepseek_jax.analysis.pipeline import parse_pipeline, pipeline_report
 from deepseek_jax.config import load_config
+from deepseek_jax.config_io import parse_overrides
 from deepseek_jax.eval.long_context import (document_windows, niah_eval, parse_depths, perplexity_by_position,
                                             with_yarn, write_niah)
 from deepseek_jax.hf import config_from_hf
@@ -268,8 +269,7 @@ def _post_parsers(sub) -> None:
         c = sub.add_parser(name, help=what)
         if name == "distill":
             c.add_argument("--teacher", help="the teacher's run folder or Hugging Face checkpoint (distill.teacher)")
-        c.add_argument("--config", default="configs/r1-addition.yaml", help="preset with the model, train: and "
-                       "sft:/grpo:/reward:/task:/eval: sections")
+        c.add_argument("--config", default="configs/r1-addition.yaml", help="preset: model, train:, sft:/grpo:/...")
         c.add_argument("--init", help="start from this run folder or Hugging Face checkpoint (same model)")
         c.add_argument("--steps", type=int, help="override train.steps")
         c.add_argument("--out", help="override train.out (an existing run there is resumed)")
@@ -283,14 +283,12 @@ def _post_parsers(sub) -> None:
     sp.add_argument("--config", default="configs/r1-addition.yaml", help="preset (model, task:, reward:, grpo:)")
     sp.add_argument("--init", required=True, help="the run folder or Hugging Face checkpoint to sample from")
     sp.add_argument("--prompts", help="a JSONL of {prompt, ...columns}; default: the task's training prompts")
-    sp.add_argument("--num-prompts", type=_positive,
-                    help="how many training prompts (default: task.sft_examples, or all of task.prompts)")
+    sp.add_argument("--num-prompts", type=_positive, help="training prompts (default: task.sft_examples or all)")
     sp.add_argument("--n", type=_positive, default=8, help="completions per prompt")
     sp.add_argument("--temperature", type=float, default=1.0)
     sp.add_argument("--max-new-tokens", type=_positive, help="default grpo.max_completion_tokens")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--reward", action="append", default=[], help="module:function or file.py:function (repeatable; "
-                    "default: the config's reward: list)")
+    sp.add_argument("--reward", action="append", default=[], help="module:function or file.py:function (repeatable)")
     sp.add_argument("--keep", help="a filter such as reward==1 (rejection sampling)")
     sp.add_argument("--out", required=True, help="the JSONL to write")
     sp.add_argument("--no-progress", action="store_true")
@@ -365,7 +363,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    cfg, kw = load_config(args.config), dict(seq=args.seq, moments=args.moments, fp8=args.fp8)
+    cfg, kw = load_config(args.config, **parse_overrides(args.overrides)), dict(seq=args.seq, moments=args.moments,
+                                                                                fp8=args.fp8)
     if args.search:
         r = search(cfg, args.topology, args.batch, max_compiles=args.max_compiles, **kw,
                    progress=lambda i, n, mesh, remat: _log(f"compiling {i + 1}/{n}: {mesh}, {remat}"))
@@ -406,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--search", action="store_true", help="rank layouts x remat: compile the most promising")
     pl.add_argument("--max-compiles", type=_positive, default=4)
     pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. moe.capacity_factor=1.25")
     pl.set_defaults(fn=_plan)
 
     t = sub.add_parser("train", help="train (or resume) a model: the project's main job")
