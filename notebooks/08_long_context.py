@@ -74,6 +74,15 @@ def grid(name, cfg, variables, scoring="argmax", lengths=LENGTHS, samples=SAMPLE
     return r
 
 
+def heatmaps(panels):
+    """Side-by-side heatmaps of ``[(result name, title), ...]``."""
+    fig, ax = plt.subplots(1, len(panels), figsize=(16, 4))
+    for a, (name, title) in zip(ax, panels):
+        plot_niah(results[name], ax=a, title=title)
+    fig.tight_layout()
+    plt.show()
+
+
 # %% [markdown]
 # ## 1 · Train at L = 64 without YaRN
 # 1500 steps of 64 rows of 64 tokens; each row packs samples of random lengths in [21, 64] with the needle at a
@@ -100,12 +109,8 @@ ft_cfg, ft_vars, _ = run("yarn_ft", "niah-tiny-yarn.yaml", init=variables)
 print(f"fine-tuned in {seconds['yarn_ft']} s")
 grid("yarn_ft", ft_cfg, ft_vars)
 
-fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-for a, (name, title) in zip(ax, [("no_yarn", "(a) trained at 64, no YaRN"), ("yarn", "(b) YaRN s=4, no training"),
-                                  ("yarn_ft", "(c) YaRN s=4 + 800 steps at 128")]):
-    plot_niah(results[name], ax=a, title=title)
-fig.tight_layout()
-plt.show()
+heatmaps([("no_yarn", "(a) trained at 64, no YaRN"), ("yarn", "(b) YaRN s=4, no training"),
+          ("yarn_ft", "(c) YaRN s=4 + 800 steps at 128")])
 
 # %% [markdown]
 # ## 3 · Teacher-forced scoring against greedy decoding through the latent cache
@@ -188,12 +193,8 @@ kl = {name: [r["indexer_kl"] for r in read_metrics(OUT / name / "metrics.jsonl")
 print("indexer KL (nats) at the start and end of each stage:", {k: (round(v[0], 3), round(v[-1], 3))
                                                                   for k, v in kl.items()})
 
-fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-for a, (name, title) in zip(ax, [("no_yarn", "dense MLA (a)"), ("nsa", "NSA, trained natively"),
-                                  ("dsa", "DSA top-16: warm-up 200 + sparse 300 steps")]):
-    plot_niah(results[name], ax=a, title=title)
-fig.tight_layout()
-plt.show()
+heatmaps([("no_yarn", "dense MLA (a)"), ("nsa", "NSA, trained natively"),
+          ("dsa", "DSA top-16: warm-up 200 + sparse 300 steps")])
 
 # %%
 summary = {name: {"by_length": r["by_length"], "min_cell_at_most_L": min(

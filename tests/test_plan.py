@@ -133,9 +133,8 @@ def test_a_layout_over_the_hbm_budget_is_reported_not_raised():
     assert 0.9 * CHIPS["v5e"].hbm < b["capacity"] <= CHIPS["v5e"].hbm
 
 
+@needs_tpu_compiler
 def test_a_mesh_over_a_tpu_slice_may_split_physical_axes():
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("the TPU compiler (libtpu, extra 'tpu-plan') is not installed")
     from deepseek_jax.train.plan import topology_devices
 
     devices = topology_devices("v5p:4x4x4")

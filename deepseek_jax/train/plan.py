@@ -30,7 +30,7 @@ from deepseek_jax.analysis.params import flops_per_token, param_counts
 from deepseek_jax.nn.placement import check_layout
 from deepseek_jax.config import FP8Config, ModelConfig
 from deepseek_jax.parallel.expert import dispatch_capacity
-from deepseek_jax.parallel.mesh import BATCH_AXES, MESH_AXES, describe, make_mesh, parse_mesh
+from deepseek_jax.parallel.mesh import BATCH_AXES, MESH_AXES, describe, make_mesh, mesh_size, parse_mesh
 from deepseek_jax.train.config import REMAT_POLICIES, StepConfig
 from deepseek_jax.train.objectives import Pretrain
 from deepseek_jax.train.optim import OptimConfig
@@ -109,7 +109,7 @@ def plan(cfg: ModelConfig, topology: str, mesh: dict[str, int] | str | None = No
     with ``moments`` dtype, ``remat`` one of :data:`REMAT_POLICIES`, ``fp8`` the model's FP8 recipe on.
     Returns a JSON-able dict (``fits``, ``per_chip_bytes``, ``flops_per_chip``, ``collectives``, ``kernels``,
     ``roofline``, ...); per chip means per JAX device (a v4 chip is two)."""
-    name, chip, n_chips = parse_topology(topology)
+    _, chip, n_chips = parse_topology(topology)
     if remat not in REMAT_POLICIES:
         raise ValueError(f"--remat {remat!r} must be one of {REMAT_POLICIES}")
     if fp8 and cfg.fp8 is None:
@@ -130,7 +130,6 @@ def plan(cfg: ModelConfig, topology: str, mesh: dict[str, int] | str | None = No
     fns = make_train_fns(cfg, sc, Pretrain(), m)
     t0 = time.perf_counter()
     lowered = fns.lower_step()
-    stable = lowered.as_text()
     try:
         with jax.set_mesh(m):
             compiled = lowered.compile()
@@ -143,8 +142,22 @@ def plan(cfg: ModelConfig, topology: str, mesh: dict[str, int] | str | None = No
                    per_chip_bytes={"peak": need, "capacity": have})
         return out
     out["compile_s"] = round(time.perf_counter() - t0, 1)
-    return {**out, **_read(compiled, stable, m, capacity, chip, fp8, out["model_flops_per_device"]),
+    return {**out, **_read(compiled, lowered.as_text(), m, capacity, chip, fp8, out["model_flops_per_device"]),
             "analytic_bytes": _argument_bytes(lowered, compiled)}
+
+
+def _abstract_mesh(axes: dict[str, int]) -> AbstractMesh:
+    """The five-axis mesh of ``axes`` without devices (the rules table and the layout check need only sizes)."""
+    return AbstractMesh(tuple(axes.get(a, 1) for a in MESH_AXES), MESH_AXES,
+                        axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _state_bytes(cfg: ModelConfig, axes: dict[str, int], batch: int, seq: int, moments: str) -> dict[str, int]:
+    """Per device by the rules table: parameters, float32 gradients, the two AdamW moments in ``moments``."""
+    rep = layout_report(cfg, _abstract_mesh(axes), batch, seq)["bytes_per_device"]
+    opt = int(rep["adam_f32"] * (2 if moments == "bfloat16" else 4) / 4)
+    return {"params": rep["params"], "grads": rep["grads_f32"], "optimizer": opt,
+            "state": rep["params"] + rep["grads_f32"] + opt}
 
 
 def _analytic_only(cfg, out, chip, n_chips, mesh, batch, seq, remat, fp8, moments) -> dict[str, Any]:
@@ -152,19 +165,13 @@ def _analytic_only(cfg, out, chip, n_chips, mesh, batch, seq, remat, fp8, moment
     the rules table (an abstract mesh) and the compute bound of the roofline; activations, temporaries and
     collectives are not known without a compile, and ``fits`` is None."""
     axes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh or {"fsdp": n_chips})
-    shape = tuple(axes.get(a, 1) for a in MESH_AXES)
-    if math.prod(shape) != n_chips:
-        raise ValueError(f"--mesh {describe(axes)} has {math.prod(shape)} devices but {out['topology']} has {n_chips}")
-    m = AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if mesh_size(axes) != n_chips:
+        raise ValueError(f"--mesh {describe(axes)} has {mesh_size(axes)} devices but {out['topology']} has {n_chips}")
     batch = batch or n_chips
     sc = StepConfig(batch_size=batch, seq_len=seq, steps=10_000, remat=remat)
-    rep = layout_report(cfg, m, batch, seq)["bytes_per_device"]
-    adam = rep["adam_f32"] * (2 if moments == "bfloat16" else 4) / 4  # two moments per parameter
-    state = rep["params"] + rep["grads_f32"] + adam
-    a = _analytic(cfg, sc, dict(zip(MESH_AXES, shape)), remat)
+    a = _analytic(cfg, sc, {k: axes.get(k, 1) for k in MESH_AXES}, remat)
     return {**out, **a, "mesh": describe(axes), "batch": batch, "devices": n_chips, "compiled": False, "fits": None,
-            "per_chip_bytes": {"params": rep["params"], "grads": rep["grads_f32"], "optimizer": int(state -
-                               rep["params"] - rep["grads_f32"]), "state": int(state), "capacity": int(chip.hbm)},
+            "per_chip_bytes": {**_state_bytes(cfg, axes, batch, seq, moments), "capacity": int(chip.hbm)},
             "roofline": roofline(chip, a["expected_flops_per_device"], 0.0, 0.0, a["model_flops_per_device"], fp8),
             "note": f"{chip.name}: no deviceless compiler exists; analytic state bytes and the compute bound only "
                     "(activations, temporaries, HBM traffic and collectives need a compile)"}
@@ -245,10 +252,8 @@ def candidate_layouts(cfg: ModelConfig, n_devices: int, batch: int, max_tensor: 
         if t > max_tensor or (cfg.moe is None and e > 1):
             continue
         axes = dict(zip(("data", "fsdp", "expert", "tensor"), (d, f, e, t)))
-        m = AbstractMesh(tuple(axes.get(a, 1) for a in MESH_AXES), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
         try:
-            check_layout(cfg, m, global_batch=batch)
+            check_layout(cfg, _abstract_mesh(axes), global_batch=batch)
         except ValueError:
             continue
         out.append({a: k for a, k in axes.items() if k > 1} or {"data": 1})
@@ -263,15 +268,12 @@ def _estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, se
     """Analytic per-chip bytes (state by the rules table + ``_ACTIVATIONS[remat]`` layer inputs per layer) and
     a step-time estimate (compute at peak; fsdp gathers and reduce-scatters, data all-reduces, expert
     all-to-alls and tensor all-reduces at the interconnect bandwidth) to rank layouts before compiling."""
-    shape = tuple(axes.get(a, 1) for a in MESH_AXES)
-    rep = layout_report(cfg, AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)), batch,
-                        seq)["bytes_per_device"]
-    state = rep["params"] + rep["grads_f32"] + rep["adam_f32"] * (2 if moments == "bfloat16" else 4) / 4
+    sb = _state_bytes(cfg, axes, batch, seq, moments)
     tokens, act = batch * seq / n * axes.get("tensor", 1), np.dtype(cfg.dtype).itemsize
     layers = cfg.n_layers + cfg.mtp.depth
-    mem = state + _ACTIVATIONS[remat] * tokens * cfg.d_model * act * layers
+    mem = sb["state"] + _ACTIVATIONS[remat] * tokens * cfg.d_model * act * layers
     d, f, e, t = (axes.get(a, 1) for a in ("data", "fsdp", "expert", "tensor"))
-    comm = 3 * rep["params"] * (f - 1) + 2 * rep["grads_f32"] * (d - 1) / d
+    comm = 3 * sb["params"] * (f - 1) + 2 * sb["grads"] * (d - 1) / d
     if cfg.moe is not None and e > 1:
         comm += 4 * tokens * cfg.moe.experts_per_token * cfg.d_model * act * cfg.n_moe_layers * (e - 1) / e
     comm += 4 * 2 * tokens * cfg.d_model * act * layers * (t - 1) / t
