@@ -16,10 +16,11 @@
 # DeepSeek-R1 is pre-training plus a post-training pipeline: supervised fine-tuning, reinforcement learning
 # with GRPO against rule-based rewards, rejection-sampling SFT on verified samples, and distillation into
 # smaller models. Here all four run on **noisy-teacher addition** (`post_train.tasks.addition`): prompts
-# `a+b=` with 3-digit operands, answers `<a>` + the sum reversed + `</a>` + EOS. The SFT data comes from a
+# `a+b=` with 3-digit operands, answers `<a>` + the sum + `</a>` + EOS, every number written least significant
+# digit first (155 + 251 is `551+152=`, answered `<a>604</a>`). The SFT data comes from a
 # teacher that, on the hard subset S (a carry into the top digit, about half the problems), drops that carry
-# 60% of the time. SFT learns the teacher -- including its mistake: greedy answers on S are mostly wrong,
-# yet samples are right about 40% of the time there. Only a verifier can teach the model more than its
+# 70% of the time. SFT learns the teacher -- including its mistake: greedy answers on S are mostly wrong,
+# yet samples are right about 30% of the time there. Only a verifier can teach the model more than its
 # teacher knew. The model is a 1.2M-parameter DeepSeek-V3 (MLA, MoE with a shared expert, MTP) from
 # `configs/r1-addition.yaml`, on one CPU device; the whole notebook takes about 12 minutes on 2 cores.
 #
@@ -78,8 +79,10 @@ def config(path, stage_name, out, *overrides):
 # %% [markdown]
 # ## 1 · SFT from scratch on the noisy teacher
 # 1500 steps of 32 packed rows of 64 tokens, loss on the completion tokens (EOS included) and the MTP loss.
-# The loss sits on a plateau for ~800 steps, then the model "gets" addition. Afterwards it reproduces its
-# teacher: right off S, mostly wrong on S when greedy, but pass@8 on S is high -- the signal GRPO needs.
+# The completion loss falls from ~0.6 to ~0.06 nats between steps ~300 and ~800 as the model learns the
+# carries (written least significant digit first, one attention pattern serves every digit), then settles near
+# the teacher's own noise. It reproduces its teacher: right off S, mostly wrong on S when greedy, but pass@8 on
+# S is high -- the signal GRPO needs.
 
 # %%
 cfg, tcfg, pcfg = config(PRESET, "sft", "sft")

@@ -30,14 +30,17 @@ def test_strict_parser_accepts_only_one_correct_span_then_eos():
 
 def test_teacher_drops_the_top_carry_on_the_hard_subset_at_rate_q():
     rows = A.sft_rows(4000, seed=0, digits=3, q=0.6)
+    operands = [tuple(int(v[::-1]) for v in r["prompt"][:-1].split("+")) for r in rows]  # written reversed
     hard = np.array([r["hard"] for r in rows])
-    right = np.array([r["completion"] == A.answer(eval(r["prompt"][:-1])) for r in rows])
+    assert (hard == [A.is_hard(a, b, 3) for a, b in operands]).all()
+    right = np.array([r["completion"] == A.answer(a + b) for r, (a, b) in zip(rows, operands)])
     assert 0.3 <= hard.mean() <= 0.5  # carries into the hundreds: 45% of 3-digit problems
     assert right[~hard].all()
     wrong = 1 - right[hard].mean()
     assert abs(wrong - 0.6) <= 3 * np.sqrt(0.6 * 0.4 / hard.sum())
     a, b = 155, 251  # 55 + 51 = 106: carries into the hundreds; dropped: 306
     assert A.is_hard(a, b, 3) and not A.is_hard(111, 222, 3)
+    assert A.prompt(a, b) == "551+152=" and A.answer(a + b) == "<a>604</a>"  # least significant digit first
     assert A.teacher_answer(a, b, 3, 1.0, np.random.default_rng(0)) == A.answer(306)
     assert A.sft_rows(5, seed=3) == A.sft_rows(5, seed=3)
     with pytest.raises(ValueError, match=r"characters \['x'\] are not in the vocabulary"):

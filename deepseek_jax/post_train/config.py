@@ -183,7 +183,7 @@ class TaskConfig:
     prompts: str = ""
     prompt_field: str = "prompt"
     digits: int = 3
-    q: float = 0.6
+    q: float = 0.7
     sft_examples: int = 20_000
     eval_prompts: int = 256
     train_seed: int = 0

@@ -1,10 +1,11 @@
 """Noisy-teacher addition (post-training.md §6): a task where SFT plateaus below what a verifier allows.
 
-Prompt ``a+b=`` (``digits``-digit operands); answer ``<a>`` + the sum's digits reversed + ``</a>`` and EOS,
+Prompt ``a+b=`` (``digits``-digit operands, every number written least significant digit first: 155 + 251 is
+``551+152=``); answer ``<a>`` + the sum's digits reversed + ``</a>`` and EOS,
 on a character vocabulary of 19 symbols (:data:`VOCAB`; BPE would merge digit runs unpredictably). The SFT
 data comes from a flawed teacher: on the *hard* subset S -- problems with a carry into the top digit -- it
-drops that carry with probability ``q`` (0.6 by default); elsewhere it is right. After SFT, greedy decoding
-is wrong on S, sampling is right ~40% of the time there, and only a verifier (:func:`exact_match`) can teach
+drops that carry with probability ``q`` (0.7 by default); elsewhere it is right. After SFT, greedy decoding
+is wrong on S, sampling is right ~30% of the time there, and only a verifier (:func:`exact_match`) can teach
 the model more than its teacher knew.
 """
 
@@ -13,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-__all__ = ["VOCAB", "PAD_ID", "EOS_ID", "tokenizer", "encode", "decode", "is_hard", "answer", "teacher_answer", "sft_rows",
-           "prompt_rows", "exact_match"]
+__all__ = ["VOCAB", "PAD_ID", "EOS_ID", "tokenizer", "encode", "decode", "is_hard", "prompt", "answer",
+           "teacher_answer", "sft_rows", "prompt_rows", "exact_match"]
 
 VOCAB = ("<pad>", "<|endoftext|>") + tuple("0123456789+=<>/a")
 PAD_ID, EOS_ID = 0, 1
@@ -57,6 +58,14 @@ def is_hard(a: int, b: int, digits: int) -> bool:
     return a % low + b % low >= low
 
 
+def prompt(a: int, b: int) -> str:
+    """``a+b=`` with both operands' digits reversed (least significant first, like the answer): digit i of
+    each operand and of the sum then sit at the same distances from each other for every i, so one
+    attention pattern serves every digit (big-endian operands need one per digit, and a 1.2M-parameter
+    model learning from scratch stalls on the tens digit for some seeds)."""
+    return f"{str(a)[::-1]}+{str(b)[::-1]}="
+
+
 def answer(total: int) -> str:
     return f"<a>{str(total)[::-1]}</a>"
 
@@ -71,17 +80,17 @@ def _operands(n: int, digits: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(10 ** (digits - 1), 10 ** digits, (n, 2))
 
 
-def sft_rows(n: int, seed: int = 0, digits: int = 3, q: float = 0.6) -> list[dict]:
+def sft_rows(n: int, seed: int = 0, digits: int = 3, q: float = 0.7) -> list[dict]:
     """``n`` teacher demonstrations ``{"prompt", "completion", "hard"}`` (seeded, deterministic)."""
     rng = np.random.default_rng(seed)
-    return [{"prompt": f"{a}+{b}=", "completion": teacher_answer(int(a), int(b), digits, q, rng),
+    return [{"prompt": prompt(int(a), int(b)), "completion": teacher_answer(int(a), int(b), digits, q, rng),
              "hard": is_hard(int(a), int(b), digits)} for a, b in _operands(n, digits, rng)]
 
 
 def prompt_rows(n: int, seed: int = 1, digits: int = 3) -> list[dict]:
     """``n`` problems ``{"prompt", "answer", "hard"}`` with the correct answers (for rewards and evaluation)."""
     rng = np.random.default_rng(seed)
-    return [{"prompt": f"{a}+{b}=", "answer": answer(int(a + b)), "hard": is_hard(int(a), int(b), digits)}
+    return [{"prompt": prompt(int(a), int(b)), "answer": answer(int(a + b)), "hard": is_hard(int(a), int(b), digits)}
             for a, b in _operands(n, digits, rng)]
 
 
