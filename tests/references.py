@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["moe_dense_reference", "naive_v3_route", "e4m3_round", "fp8_quantize_reference", "naive_pack",
-           "nsa_reference"]
+           "nsa_reference", "ragged_all_to_all_reference"]
 
 
 def moe_dense_reference(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
@@ -17,6 +17,24 @@ def moe_dense_reference(x: jax.Array, weights: jax.Array, experts: jax.Array, w1
     gate = jnp.einsum("nk,nke->ne", weights.astype(x.dtype), jax.nn.one_hot(experts, e, dtype=x.dtype))
     h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w1)) * jnp.einsum("nd,edf->enf", x, w3)
     return jnp.einsum("enf,efd,ne->nd", h, w2, gate)
+
+
+def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name, axis_index_groups=None):
+    """``jax.lax.ragged_all_to_all`` written from its documented semantics with ``all_to_all`` and a scatter, for
+    XLA:CPU (which has no ragged all-to-all): slice i of ``operand`` (``input_offsets[i]``, ``send_sizes[i]``
+    rows) goes to device ``i // (K / axis size)``, which writes it at the ``output_offsets[i]`` the sender
+    names; the ``recv_sizes`` rows from each source overwrite ``output`` there, the rest of ``output`` is kept."""
+    assert axis_index_groups is None
+    ep, k, n, m = jax.lax.axis_size(axis_name), input_offsets.shape[0], operand.shape[0], output.shape[0]
+    r = jnp.arange(n)
+    rows = operand[jnp.clip(input_offsets[:, None] + r, 0, n - 1)]  # [K, n, ...] every slice, padded
+    trail = (1,) * (operand.ndim - 1)
+    rows = jnp.where((r[None] < send_sizes[:, None]).reshape(k, n, *trail), rows, 0)
+    got = jax.lax.all_to_all(rows.reshape(ep, k // ep, *rows.shape[1:]), axis_name, 0, 0).reshape(rows.shape)
+    where = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where each source's slice goes here
+    idx = jnp.where(r[None] < recv_sizes[:, None], where[:, None] + r, m)  # m: out of range, dropped
+    return output.at[idx.reshape(-1)].set(got.reshape(k * n, *operand.shape[1:]), mode="drop")
 
 
 def naive_v3_route(logits, bias, n_group, topk_group, k, scale):

@@ -101,7 +101,10 @@ def test_compiler_flops_match_the_analytic_model(tiny_ep):
 def test_the_tpu_program_has_tpu_kernels_and_expert_all_to_all(tiny_ep):
     k, c = tiny_ep["kernels"], tiny_ep["collectives"]
     assert k["ragged-dot"] > 0 and k["ragged_dot (StableHLO)"] > 0  # not the CPU capacity kernel
-    assert set(c["all-to-all"]) == {"expert"}  # the dispatch, over the expert axis only
+    # the dispatch moves its rows with ragged all-to-alls (there and back, per MoE layer and in the backward),
+    # over the expert axis only; the plain all-to-alls left carry the row counts
+    assert k["ragged-all-to-all"] >= 2 and set(c["ragged-all-to-all"]) == {"expert"}
+    assert set(c["all-to-all"]) == {"expert"} and k["all-to-all"] == c["all-to-all"]["expert"]["count"]
     assert tiny_ep["fits"] and 0 < tiny_ep["per_chip_bytes"]["peak"] < tiny_ep["per_chip_bytes"]["capacity"]
     rf = tiny_ep["roofline"]
     assert rf["step_s_overlapped"] == max(rf["compute_s"], rf["memory_s"], rf["collective_s"])

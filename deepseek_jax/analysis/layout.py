@@ -27,7 +27,7 @@ from deepseek_jax.parallel.rules import logical_spec
 
 __all__ = ["hlo_collectives", "collectives_by_axis", "layout_report", "format_report"]
 
-_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_KINDS = ("ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"=\s*(\([^()]*\)|\S+)\s+(" + "|".join(_KINDS) + r")(?:-start)?\(")
 _SHAPE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8e4m3fn|f8e5m2)\[([0-9,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -63,7 +63,9 @@ def _collective_ops(hlo_text: str):
 
 def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """``{kind: {"count": n, "bytes": b}}`` over the collectives in compiled HLO text (per device).
-    Collectives whose replica groups hold one device each move nothing and are left out."""
+    Collectives whose replica groups hold one device each move nothing and are left out. A
+    ``ragged-all-to-all`` counts its whole output buffer: an upper bound (the rows it moves are known only
+    at run time)."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "bytes": 0})
     for kind, nbytes, _ in _collective_ops(hlo_text):
         out[kind]["count"] += 1

@@ -188,7 +188,7 @@ def _read(compiled, stable: str, mesh, capacity: float, chip, fp8: bool, model_f
     hlo = compiled.as_text()
     coll = collectives_by_axis(hlo, {a: mesh.shape[a] for a in MESH_AXES})
     coll_bytes = sum(v["bytes"] for by in coll.values() for v in by.values())
-    kernels = {k: len(re.findall(rf"\b{k}(?:-start)?\(", hlo)) for k in KERNELS}
+    kernels = {k: len(re.findall(rf"(?<![\w-]){k}(?:-start)?\(", hlo)) for k in KERNELS}  # all-to-all: not ragged
     kernels["ragged-dot"] = len(set(re.findall(r"\bragged-dot[\w.-]*", hlo)))  # TPU: fusions named ragged-dot-*
     kernels["ragged_dot (StableHLO)"] = len(re.findall(r"ragged_dot", stable))
     flops = float(cost.get("flops", 0.0))
