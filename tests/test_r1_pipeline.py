@@ -106,10 +106,9 @@ def test_e4_rejection_sampling_sft_lifts_the_hard_subset(runs):
 
 
 def test_e5_logit_distillation_pulls_the_student_towards_the_teacher(runs):
-    """The capability goal (the student reaching 90% of the teacher's exact match) is NOT met at this budget:
-    from scratch the 0.42M student stalls where the SFT model of another seed does, with the tens digit
-    (the one digit whose rule always involves a carry) unlearned. What holds: the distillation term falls
-    as the student is pulled towards the teacher's distribution."""
+    """At the notebook's 150 steps the 0.42M student is still on its plateau (the preset's 1200 steps reach
+    held-out EM 0.988 against the teacher's 0.977, leaving it between steps ~550 and ~800: README). What holds
+    here: the distillation term falls as the student is pulled towards the teacher's distribution."""
     train = _records(runs[0] / "student", "train")
     first, last = train[:50], train[-50:]
     mean = lambda rs: sum(r["kd"] for r in rs) / len(rs)  # noqa: E731
