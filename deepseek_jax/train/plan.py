@@ -265,7 +265,11 @@ _ACTIVATIONS = {"full": 2, "deepseek": 6, "none": 24}  # saved [tokens, d] tenso
 
 def _estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, seq: int, chip, n: int,
               moments: str) -> dict[str, float]:
-    """Analytic per-chip bytes (state by the rules table + ``_ACTIVATIONS[remat]`` layer inputs per layer) and
+    """Analytic per-chip bytes (state by the rules table + ``_ACTIVATIONS[remat]`` layer inputs per layer + the
+    expert GEMMs over the expert-parallel receive buffer's (row, slot) pairs, sized for the worst case, which grow
+    with ``expert``: one layer's under full remat, every MoE layer's saved ones otherwise (V3 on v5p:8x8x4 with
+    the ``deepseek`` policy: 146-381 GiB by the compiler) + the local experts' weights gathered over ``fsdp``,
+    which shrink with ``expert``) and
     a step-time estimate (compute at peak; fsdp gathers and reduce-scatters, data all-reduces, expert
     all-to-alls and tensor all-reduces at the interconnect bandwidth) to rank layouts before compiling."""
     sb = _state_bytes(cfg, axes, batch, seq, moments)
@@ -273,6 +277,15 @@ def _estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, se
     layers = cfg.n_layers + cfg.mtp.depth
     mem = sb["state"] + _ACTIVATIONS[remat] * tokens * cfg.d_model * act * layers
     d, f, e, t = (axes.get(a, 1) for a in ("data", "fsdp", "expert", "tensor"))
+    if cfg.moe is not None:
+        m, fm = cfg.moe, cfg.moe.moe_intermediate_size
+        rows = e * dispatch_capacity(int(tokens), m.experts_per_token, e, m.capacity_factor) if e > 1 else tokens
+        pairs = rows * m.experts_per_token  # the dropless receive buffer's (row, slot) pairs, worst case
+        mem += 2 * pairs * (3 * fm + cfg.d_model) * act  # one layer's [w1|w3] out, SwiGLU out, w2 out (fwd + bwd)
+        if remat != "full":  # kept for the backward in every MoE layer: swiglu_in and expert_out (or everything)
+            mem += pairs * ((2 if remat == "deepseek" else 3) * fm + cfg.d_model) * act * cfg.n_moe_layers
+        if f > 1:  # the local experts' weights gathered over fsdp
+            mem += 2 * 3 * m.n_routed_experts * cfg.d_model * m.moe_intermediate_size * act / (e * t)
     comm = 3 * sb["params"] * (f - 1) + 2 * sb["grads"] * (d - 1) / d
     if cfg.moe is not None and e > 1:
         comm += 4 * tokens * cfg.moe.experts_per_token * cfg.d_model * act * cfg.n_moe_layers * (e - 1) / e
@@ -284,9 +297,11 @@ def _estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, se
 def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=("full", "deepseek", "none"),
            max_compiles: int = 4, moments: str = "float32", fp8: bool = False, progress=None) -> dict[str, Any]:
     """Rank the layouts of a slice: every valid factorisation x remat policy estimated analytically
-    (:func:`_estimate`), those whose estimate fits 90% of HBM ordered by estimated step time, and the first
-    ``max_compiles`` compiled (:func:`plan`). Returns ``{"candidates": n, "estimated": [...], "compiled":
-    [...plans, fitting ones first by roofline step time]}``. ``progress(i, n, axes, remat)`` is called per compile."""
+    (:func:`_estimate`), those whose estimate fits 90% of HBM ordered by estimated step time and compiled
+    (:func:`plan`) in that order until ``max_compiles`` fit (at most ``2 * max_compiles`` attempts; when none is
+    estimated to fit, the ``max_compiles`` smallest estimates are compiled, to report what they need). Returns
+    ``{"candidates": n, "estimated": [...], "compiled": [...plans, fitting ones first by roofline step time]}``.
+    ``progress(i, n, axes, remat)`` is called per compile."""
     _, chip, n_chips = parse_topology(topology)
     n_dev = len(topology_devices(topology)) if chip.compilable else n_chips
     capacity = chip.hbm * n_chips / n_dev
@@ -297,9 +312,14 @@ def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=
             rows.append({"mesh": describe(axes), "axes": axes, "remat": remat, **est,
                          "fits_estimate": est["bytes"] <= 0.9 * capacity})
     rows.sort(key=lambda r: (not r["fits_estimate"], r["step_s"], r["bytes"]))
-    chosen = [r for r in rows if r["fits_estimate"]][:max_compiles] or rows[:max_compiles]
+    # the promising ones in order until max_compiles of them fit (an over-budget compile fails in about a
+    # minute; at most twice as many attempts); if none is estimated to fit, the smallest estimates
+    fitting = [r for r in rows if r["fits_estimate"]]
+    chosen = fitting[:2 * max_compiles] if fitting else sorted(rows, key=lambda r: r["bytes"])[:max_compiles]
     compiled = []
     for i, r in enumerate(chosen):
+        if sum(p["fits"] for p in compiled) == max_compiles:
+            break
         if progress is not None:
             progress(i, len(chosen), r["mesh"], r["remat"])
         compiled.append(plan(cfg, topology, r["axes"], batch=batch, seq=seq, remat=r["remat"], fp8=fp8,
