@@ -204,3 +204,24 @@ def test_search_estimates_every_layout_and_compiles_the_most_promising(capsys):
     assert best["fits_estimate"] and r["compiled"][0]["mesh"] == best["mesh"] and r["compiled"][0]["fits"]
     assert [x["step_s"] for x in r["estimated"] if x["fits_estimate"]] == sorted(
         x["step_s"] for x in r["estimated"] if x["fits_estimate"])
+
+
+def test_a_rolled_layer_loop_gets_the_analytic_roofline():
+    """XLA counts a rolled loop's body once, so a plan with rolled layer stacks (any remat) takes its roofline's
+    compute and collectives from the analytic model; an unrolled one (remat none, <= 8 layers) keeps the
+    compiler's. No compile needed: a plan's fields suffice."""
+    from deepseek_jax.analysis.chips import CHIPS
+    from deepseek_jax.config import load_config
+    from deepseek_jax.train.plan import rolled_roofline
+
+    cfg = load_config("tiny")
+    r = {"topology": "v5p:2x2x2", "fits": True, "remat": "full", "batch": 8, "seq": 256, "devices": 8, "fp8": False,
+         "mesh_axes": {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1, "stage": 1}, "hbm_bytes_per_chip": 1e9,
+         "expected_flops_per_device": 4e12, "model_flops_per_device": 3e12, "roofline": {"compiler": True}}
+    out = rolled_roofline(cfg, r)
+    assert out["rolled_loops"] and out["roofline_compiler"] == {"compiler": True}
+    rf = out["roofline"]
+    assert rf["compute_s"] == pytest.approx(4e12 / CHIPS["v5p"].bf16) and rf["collective_s"] > 0
+    assert rf["mfu_overlapped"] == pytest.approx(3e12 / (CHIPS["v5p"].bf16 * rf["step_s_overlapped"]))
+    assert rolled_roofline(cfg, out) is out
+    assert rolled_roofline(cfg, {**r, "remat": "none"})["roofline"] == r["roofline"]
