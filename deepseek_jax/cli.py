@@ -1,6 +1,5 @@
-"""``deepseek-jax`` command line: ``train`` (the main job), ``sft`` and ``grpo`` (post-training), ``generate``
-(stream text from a trained run or a Hugging Face checkpoint) and ``info`` (parameter counts, KV-cache sizes,
-and with ``--mesh`` a layout report)."""
+"""``deepseek-jax`` command line: ``train`` (the main job), post-training (``sft``, ``grpo``, ``sample``, ``distill``),
+``generate``, ``eval``, ``info`` (sizes; with ``--mesh`` a layout report) and ``plan`` (a TPU slice, compiled here)."""
 
 from __future__ import annotations
 
@@ -369,7 +368,8 @@ def _plan(args: argparse.Namespace) -> int:
         r = search(cfg, args.topology, args.batch, max_compiles=args.max_compiles, **kw,
                    progress=lambda i, n, mesh, remat: _log(f"compiling {i + 1}/{n}: {mesh}, {remat}"))
     else:
-        r = plan(cfg, args.topology, args.mesh, batch=args.batch, remat=args.remat, **kw)
+        sched, micro = parse_pipeline(args.pipeline) if args.pipeline else ("none", 1)
+        r = plan(cfg, args.topology, args.mesh, args.batch, remat=args.remat, pipeline=sched, microbatches=micro, **kw)
     print(json.dumps(r, indent=1, default=float) if args.json else (format_search if args.search else format_plan)(r))
     return 0
 
@@ -386,9 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=_positive, default=8, help="global batch of the step analysed with --mesh")
     p.add_argument("--seq", type=_positive, default=128, help="sequence length of the step analysed with --mesh")
     p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the training step")
-    p.add_argument("--pipeline", help="with --mesh stage=N: the stage split, bytes per rank, bubble and activation "
-                   "peak of SCHEDULE:MICROBATCHES, e.g. dualpipev:8 (schedules: gpipe, 1f1b, interleaved_1f1b, "
-                   "zb_h1, dualpipe, dualpipev)")
+    p.add_argument("--pipeline", help="with --mesh stage=N: stage split, bytes per rank, bubble, activation peak of "
+                   "SCHEDULE:MICROBATCHES, e.g. dualpipev:8 (gpipe, 1f1b, interleaved_1f1b, zb_h1, dualpipe(v))")
     p.add_argument("--remat", default="none", help="with --mesh: the training step's recomputation policy "
                    "(train.remat: none, full or deepseek)")
     p.set_defaults(fn=_info)
@@ -402,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--remat", default="full", help="none, full or deepseek")
     pl.add_argument("--fp8", action="store_true", help="the model's FP8 recipe on (fp8.enabled)")
     pl.add_argument("--moments", default="float32", help="AdamW moments dtype (float32 or bfloat16)")
+    pl.add_argument("--pipeline", help="SCHEDULE:MICROBATCHES over the mesh's stage axis, e.g. 1f1b:8")
     pl.add_argument("--search", action="store_true", help="rank layouts x remat: compile the most promising")
     pl.add_argument("--max-compiles", type=_positive, default=4)
     pl.add_argument("--json", action="store_true", help="print JSON")

@@ -225,3 +225,13 @@ def test_a_rolled_layer_loop_gets_the_analytic_roofline():
     assert rf["mfu_overlapped"] == pytest.approx(3e12 / (CHIPS["v5p"].bf16 * rf["step_s_overlapped"]))
     assert rolled_roofline(cfg, out) is out
     assert rolled_roofline(cfg, {**r, "remat": "none"})["roofline"] == r["roofline"]
+
+
+@needs_tpu_compiler
+def test_a_pipelined_layout_through_the_command_line(capsys):
+    """``--pipeline 1f1b:2`` over ``stage=2``: the pipeline executor's program compiles for the TPU slice, its
+    stage transfers are collective-permutes, and the MoE inside the stages keeps the ragged kernels."""
+    r = _plan_json(capsys, "--config", "tiny", "--topology", "v5p:2x2x2", "--mesh", "stage=2,data=2,expert=2",
+                   "--batch", "8", "--seq", "64", "--pipeline", "1f1b:2")
+    assert (r["pipeline"], r["microbatches"], r["mesh_axes"]["stage"]) == ("1f1b", 2, 2) and r["fits"]
+    assert r["kernels"]["collective-permute"] > 0 and r["kernels"]["ragged-all-to-all"] > 0

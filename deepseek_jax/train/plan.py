@@ -32,7 +32,7 @@ from deepseek_jax.nn.placement import check_layout
 from deepseek_jax.config import FP8Config, ModelConfig
 from deepseek_jax.parallel.expert import dispatch_capacity
 from deepseek_jax.parallel.mesh import BATCH_AXES, MESH_AXES, describe, make_mesh, mesh_size, parse_mesh
-from deepseek_jax.train.config import REMAT_POLICIES, StepConfig
+from deepseek_jax.train.config import REMAT_POLICIES, PipelineConfig, StepConfig
 from deepseek_jax.train.objectives import Pretrain
 from deepseek_jax.train.optim import OptimConfig
 from deepseek_jax.train.step import make_train_fns
@@ -104,10 +104,12 @@ def _analytic(cfg: ModelConfig, sc: StepConfig, mesh_shape: dict[str, int], rema
 
 
 def plan(cfg: ModelConfig, topology: str, mesh: dict[str, int] | str | None = None, batch: int = 0,
-         seq: int = 4096, remat: str = "full", fp8: bool = False, moments: str = "float32") -> dict[str, Any]:
+         seq: int = 4096, remat: str = "full", fp8: bool = False, moments: str = "float32",
+         pipeline: str = "none", microbatches: int = 1) -> dict[str, Any]:
     """The plan of one layout (see the module docstring): ``mesh`` axes over the slice's devices (default:
     everything ``fsdp``), a global batch of ``batch`` (default: one row per device) x ``seq`` tokens, AdamW
-    with ``moments`` dtype, ``remat`` one of :data:`REMAT_POLICIES`, ``fp8`` the model's FP8 recipe on.
+    with ``moments`` dtype, ``remat`` one of :data:`REMAT_POLICIES`, ``fp8`` the model's FP8 recipe on,
+    ``pipeline`` a schedule over the mesh's ``stage`` axis (``train.pipeline.schedule``) with ``microbatches``.
     Returns a JSON-able dict (``fits``, ``per_chip_bytes``, ``flops_per_chip``, ``collectives``, ``kernels``,
     ``roofline``, ...); per chip means per JAX device (a v4 chip is two)."""
     _, chip, n_chips = parse_topology(topology)
@@ -124,10 +126,11 @@ def plan(cfg: ModelConfig, topology: str, mesh: dict[str, int] | str | None = No
     m = make_mesh(axes, devices)
     batch = batch or len(devices)
     capacity = chip.hbm * n_chips / len(devices)
-    sc = StepConfig(batch_size=batch, seq_len=seq, steps=10_000, remat=remat,
-                    optim=OptimConfig(moments_dtype=moments))
-    out.update(mesh=describe(axes), mesh_axes={a: m.shape[a] for a in MESH_AXES}, batch=batch, devices=len(devices),
-               **_analytic(cfg, sc, {a: m.shape[a] for a in MESH_AXES}, remat))
+    sc = StepConfig(batch_size=batch, seq_len=seq, steps=10_000, remat=remat, optim=OptimConfig(moments_dtype=moments),
+                    pipeline=PipelineConfig(pipeline, microbatches))
+    shape = {a: m.shape[a] for a in MESH_AXES}
+    out.update(mesh=describe(axes), mesh_axes=shape, batch=batch, devices=len(devices), pipeline=pipeline,
+               microbatches=microbatches, **_analytic(cfg, sc, shape, remat))
     fns = make_train_fns(cfg, sc, Pretrain(), m)
     t0 = time.perf_counter()
     lowered = fns.lower_step()
