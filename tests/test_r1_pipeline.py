@@ -80,7 +80,9 @@ def test_e2_grpo_fixes_the_hard_subset_without_hurting_the_rest(runs):
     first, last = train[:10], train[-10:]  # a step's reward is a mean over 16 prompts: noisy, so 10 steps
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     assert mean(last, "reward/mean") - mean(first, "reward/mean") >= E2_REWARD_GAIN
-    assert mean(last, "frac_reward_zero_std") > mean(first, "frac_reward_zero_std")  # groups agree more often
+    # not checked: frac_reward_zero_std (groups that agree). At T = 1 and 8 samples it went 0.40 -> 0.43 over the
+    # first / last 10 steps with seed 0 and 0.43 -> 0.70 with seed 1: too close to call, and post-training.md's
+    # ">= 0.8 at the end" is not reached in 30 steps
     assert all(r["completion/truncated_frac"] < 0.05 for r in train)
     assert mean(train, "kl") < E2_KL_MEAN  # beta = 0.04, k3 (one step's k3 estimate may spike: 1.1 seen)
 
