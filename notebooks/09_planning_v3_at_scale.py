@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from deepseek_jax.analysis.params import model_info  # noqa: E402
 from deepseek_jax.config import load_config  # noqa: E402
-from deepseek_jax.train.plan import format_plan, plan  # noqa: E402
+from deepseek_jax.train.plan import format_plan, format_search, plan  # noqa: E402
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 RESULTS = ROOT / "benchmarks" / "results" / "plan_v3_v5p.json"
@@ -68,15 +68,7 @@ if os.environ.get("PLAN_LIVE") == "1":
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_v3.py"), "--out", str(RESULTS)], check=True)
 doc = json.loads(RESULTS.read_text())
 s = doc["search"]
-print(f"{s['topology']}: {s['candidates']} (layout, remat) candidates estimated (file written at {doc['git_sha'][:8]})")
-print(f"{'mesh':32s} {'remat':8s} {'fits':5s} {'args':>6s} {'temp':>6s} {'peak':>6s} GiB {'step s':>7s} "
-      f"{'MFU':>6s} {'coll GB':>8s} {'compile':>8s}")
-for p in s["compiled"]:
-    b, rf = p["per_chip_bytes"], p.get("roofline") or {}
-    args, temp = (f"{b[k] / GiB:6.1f}" if k in b else f"{'-':>6s}" for k in ("arguments", "temp"))
-    print(f"{p['mesh']:32s} {p['remat']:8s} {str(p['fits']):5s} {args} {temp} {(b.get('peak') or 0) / GiB:6.1f}     "
-          f"{rf.get('step_s_overlapped', float('nan')):7.2f} {rf.get('mfu_overlapped', float('nan')):6.1%} "
-          f"{p.get('collective_bytes_per_chip', 0) / 1e9:8.1f} {p['compile_s']:7.0f}s")
+print(format_search(s))  # ranked: the fitting ones first, by the roofline's step time
 
 # %% [markdown]
 # ## 3 · From 64 to 1,024 chips

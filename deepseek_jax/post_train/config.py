@@ -13,6 +13,7 @@ from deepseek_jax.config import ModelConfig, config_from_dict
 from deepseek_jax.config_io import (POST_SECTIONS, from_dict, merge, parse_overrides, read_yaml, resolve_config_path,
                                     strip_train_section)
 from deepseek_jax.post_train.grpo import AGGREGATIONS, KL_ESTIMATORS, SCALES
+from deepseek_jax.post_train.tasks import addition
 from deepseek_jax.post_train.rewards import parse_keep
 from deepseek_jax.train.config import TrainConfig
 
@@ -183,7 +184,7 @@ class TaskConfig:
     prompts: str = ""
     prompt_field: str = "prompt"
     digits: int = 3
-    q: float = 0.7
+    q: float = addition.Q
     sft_examples: int = 20_000
     eval_prompts: int = 256
     train_seed: int = 0

@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-__all__ = ["VOCAB", "PAD_ID", "EOS_ID", "tokenizer", "encode", "decode", "is_hard", "prompt", "answer",
+__all__ = ["Q", "VOCAB", "PAD_ID", "EOS_ID", "tokenizer", "encode", "decode", "is_hard", "prompt", "answer",
            "teacher_answer", "sft_rows", "prompt_rows", "exact_match"]
 
+Q = 0.7  # how often the teacher drops the top carry on S (``task.q``)
 VOCAB = ("<pad>", "<|endoftext|>") + tuple("0123456789+=<>/a")
 PAD_ID, EOS_ID = 0, 1
 _ID = {c: i for i, c in enumerate(VOCAB) if len(c) == 1}
@@ -80,18 +81,18 @@ def _operands(n: int, digits: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(10 ** (digits - 1), 10 ** digits, (n, 2))
 
 
-def sft_rows(n: int, seed: int = 0, digits: int = 3, q: float = 0.7) -> list[dict]:
+def sft_rows(n: int, seed: int = 0, digits: int = 3, q: float = Q) -> list[dict]:
     """``n`` teacher demonstrations ``{"prompt", "completion", "hard"}`` (seeded, deterministic)."""
     rng = np.random.default_rng(seed)
-    return [{"prompt": prompt(int(a), int(b)), "completion": teacher_answer(int(a), int(b), digits, q, rng),
-             "hard": is_hard(int(a), int(b), digits)} for a, b in _operands(n, digits, rng)]
+    return [{"prompt": prompt(a, b), "completion": teacher_answer(a, b, digits, q, rng), "hard": is_hard(a, b, digits)}
+            for a, b in _operands(n, digits, rng).tolist()]
 
 
 def prompt_rows(n: int, seed: int = 1, digits: int = 3) -> list[dict]:
     """``n`` problems ``{"prompt", "answer", "hard"}`` with the correct answers (for rewards and evaluation)."""
     rng = np.random.default_rng(seed)
-    return [{"prompt": prompt(int(a), int(b)), "answer": answer(int(a + b)), "hard": is_hard(int(a), int(b), digits)}
-            for a, b in _operands(n, digits, rng)]
+    return [{"prompt": prompt(a, b), "answer": answer(a + b), "hard": is_hard(a, b, digits)}
+            for a, b in _operands(n, digits, rng).tolist()]
 
 
 def exact_match(prompts, completions, completion_ids, answer, **columns) -> list[float]:
