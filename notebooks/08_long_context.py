@@ -184,6 +184,8 @@ print("exact match at L:", {"mla": results["no_yarn"]["by_length"][str(L)], "gqa
 ncfg, nvars, _ = run("nsa", "niah-tiny-nsa.yaml")
 print(f"NSA trained in {seconds['nsa']} s")
 grid("nsa", ncfg, nvars)
+
+# %%
 _, wvars, _ = run("dsa_warmup", "niah-tiny-dsa-warmup.yaml", init=variables)
 dcfg, dvars, _ = run("dsa", "niah-tiny-dsa.yaml", init=wvars)
 print(f"DSA: indexer warm-up {seconds['dsa_warmup']} s, sparse stage {seconds['dsa']} s")

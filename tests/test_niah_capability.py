@@ -6,10 +6,10 @@ run); its ``results.json`` is checked here against floors fixed from the calibra
 (sections "Long context" and "Sparse attention"), with margin."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from notebook_run import run_notebook
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +25,8 @@ DSA_AT_L, DSA_AT_HALF_L = 0.90, 0.90  # calibration: 1.00 / 1.00 (top 16 of 64 k
 
 @pytest.fixture(scope="module")
 def res(tmp_path_factory):
-    import jupytext
-    from nbclient import NotebookClient
-
     out = tmp_path_factory.mktemp("niah")
-    old = os.environ.get("NIAH_OUT")
-    os.environ["NIAH_OUT"] = str(out)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(jupytext.read(NOTEBOOK), timeout=900, kernel_name="python3",
-                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    finally:
-        os.environ.pop("NIAH_OUT") if old is None else os.environ.__setitem__("NIAH_OUT", old)
+    run_notebook(NOTEBOOK, {"NIAH_OUT": str(out)})
     return json.loads((out / "results.json").read_text())
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from notebook_run import run_notebook
 
 pytestmark = pytest.mark.slow
 
@@ -51,18 +52,8 @@ def _records(run, kind):
 def runs(tmp_path_factory):
     """The notebook ``07_r1_pipeline`` executed once (every stage, one CPU device; it writes its run folders and
     ``results.json`` under ``R1_OUT``): ``(folder, results)``."""
-    import jupytext
-    from nbclient import NotebookClient
-
     out = tmp_path_factory.mktemp("r1")
-    old = os.environ.get("R1_OUT")
-    os.environ["R1_OUT"] = str(out)  # the kernel inherits this process's environment
-    try:
-        nb = jupytext.read(NOTEBOOK)
-        NotebookClient(nb, timeout=900, kernel_name="python3",
-                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    finally:
-        os.environ.pop("R1_OUT") if old is None else os.environ.__setitem__("R1_OUT", old)
+    run_notebook(NOTEBOOK, {"R1_OUT": str(out)})
     return out, json.loads((out / "results.json").read_text())["results"]
 
 
