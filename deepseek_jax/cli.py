@@ -130,14 +130,7 @@ def _layout(cfg, args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    if args.out is not None:
-        overrides.append(f"train.out={args.out}")
-    if args.mesh is not None:
-        overrides.append(f"train.mesh={args.mesh}")
-    cfg, tcfg = load_run_config(args.config, overrides)  # the mesh may come from the YAML or an override
+    cfg, tcfg = load_run_config(args.config, _run_overrides(args))  # the mesh: from the YAML or an override
     devices = mesh_size(tcfg.mesh) if tcfg.mesh else 0
     if args.num_processes > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
@@ -365,8 +358,9 @@ def _plan(args: argparse.Namespace) -> int:
     cfg, kw = load_config(args.config, **parse_overrides(args.overrides)), dict(seq=args.seq, moments=args.moments,
                                                                                 fp8=args.fp8)
     if args.search:
-        r = search(cfg, args.topology, args.batch, max_compiles=args.max_compiles, **kw,
-                   progress=lambda i, n, mesh, remat: _log(f"compiling {i + 1}/{n}: {mesh}, {remat}"))
+        pipes = tuple(filter(None, (args.pipeline or "").split(",")))
+        r = search(cfg, args.topology, args.batch, max_compiles=args.max_compiles, pipelines=pipes, **kw,
+                   progress=lambda i, n, mesh, how: _log(f"compiling {i + 1}/{n}: {mesh}, {how}"))
     else:
         sched, micro = parse_pipeline(args.pipeline) if args.pipeline else ("none", 1)
         r = plan(cfg, args.topology, args.mesh, args.batch, remat=args.remat, pipeline=sched, microbatches=micro, **kw)
@@ -401,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--remat", default="full", help="none, full or deepseek")
     pl.add_argument("--fp8", action="store_true", help="the model's FP8 recipe on (fp8.enabled)")
     pl.add_argument("--moments", default="float32", help="AdamW moments dtype (float32 or bfloat16)")
-    pl.add_argument("--pipeline", help="SCHEDULE:MICROBATCHES over the mesh's stage axis, e.g. 1f1b:8")
-    pl.add_argument("--search", action="store_true", help="rank layouts x remat: compile the most promising")
+    pl.add_argument("--pipeline", help="SCHEDULE:MICROBATCHES over the mesh's stage axis, e.g. 1f1b:8; with --search, "
+                    "schedules to try over stage axes, e.g. 1f1b,dualpipev (every count) or 1f1b:8")
+    pl.add_argument("--search", action="store_true", help="rank layouts x remat (x --pipeline): compile the best")
     pl.add_argument("--max-compiles", type=_positive, default=4)
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. moe.capacity_factor=1.25")

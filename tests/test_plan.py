@@ -206,6 +206,48 @@ def test_search_estimates_every_layout_and_compiles_the_most_promising(capsys):
         x["step_s"] for x in r["estimated"] if x["fits_estimate"])
 
 
+@needs_tpu_compiler
+def test_search_with_pipelines_adds_every_stage_layout_and_micro_batch_count(monkeypatch):
+    """``pipelines``: stage factorisations x schedules x the micro-batch counts the batch allows (tiny: 2 MoE
+    layers, so stage = 2 only; 8 rows over data x fsdp x expert shards), each estimated with the schedule's bubble
+    -- GPipe and 1F1B idle (p - 1) / (m + p - 1) of the step -- and the chosen ones compiled with their
+    schedule and count (``plan`` recorded, not run: a pipelined compile takes a minute here)."""
+    from deepseek_jax.analysis.params import flops_per_token
+    from deepseek_jax.config import load_config
+    from deepseek_jax.train import plan as plan_mod
+
+    calls = []
+
+    def fake_plan(cfg, topology, axes, **kw):
+        calls.append((axes, kw["remat"], kw["pipeline"], kw["microbatches"]))
+        return {"fits": True, "mesh": str(axes)}
+    monkeypatch.setattr(plan_mod, "plan", fake_plan)
+    cfg = load_config("tiny")
+    r = plan_mod.search(cfg, "v5p:2x2x2", batch=8, seq=64, remats=("full",), max_compiles=3,
+                        pipelines=("1f1b", "gpipe:2"))
+    piped = [x for x in r["estimated"] if x["pipeline"] != "none"]
+    by_layout = {}
+    for x in piped:
+        assert x["axes"]["stage"] == 2
+        by_layout.setdefault(x["mesh"], set()).add((x["pipeline"], x["microbatches"]))
+    shards = {"data=4 x stage=2": 4, "data=2 x tensor=2 x stage=2": 2, "expert=4 x stage=2": 4,
+              "fsdp=2 x tensor=2 x stage=2": 2}
+    for mesh, n in shards.items():
+        rows = 8 // n
+        want = {("1f1b", m) for m in (1, 2, 4, 8) if rows % m == 0} | ({("gpipe", 2)} if rows % 2 == 0 else set())
+        assert by_layout[mesh] == want, (mesh, by_layout[mesh])
+    assert len([x for x in r["estimated"] if x["pipeline"] == "none"]) == len(plan_mod.candidate_layouts(cfg, 8, 8))
+    ideal = flops_per_token(cfg, 64) * 8 * 64 / 8 * 8 / 6 / CHIPS["v5p"].bf16  # remat full: one more forward
+    for x in piped:
+        m = x["microbatches"]
+        assert x["bubble_fraction"] == pytest.approx(1 / (m + 1))  # p = 2
+        assert x["compute_s"] == pytest.approx(ideal * (m + 1) / m)
+    assert [(c[0], c[2], c[3]) for c in calls] == [(x["axes"], x["pipeline"], x["microbatches"])
+                                                   for x in r["estimated"][:len(calls)]]
+    with pytest.raises(ValueError, match="1f1bx"):
+        plan_mod.search(cfg, "v5p:2x2x2", batch=8, pipelines=("1f1bx",))
+
+
 def test_a_rolled_layer_loop_gets_the_analytic_roofline():
     """XLA counts a rolled loop's body once, so a plan with rolled layer stacks (any remat) takes its roofline's
     compute and collectives from the analytic model; an unrolled one (remat none, <= 8 layers) keeps the

@@ -14,11 +14,12 @@ only, stated as such.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -27,11 +28,13 @@ from jax.sharding import AbstractMesh, AxisType
 from deepseek_jax.analysis.chips import parse_topology, roofline
 from deepseek_jax.analysis.layout import collectives_by_axis, layout_report
 from deepseek_jax.analysis.params import flops_per_token, param_counts
+from deepseek_jax.analysis.pipeline import pipeline_report
 from deepseek_jax.nn.block import scan_unroll
 from deepseek_jax.nn.placement import check_layout
 from deepseek_jax.config import FP8Config, ModelConfig
 from deepseek_jax.parallel.expert import dispatch_capacity
 from deepseek_jax.parallel.mesh import BATCH_AXES, MESH_AXES, describe, make_mesh, mesh_size, parse_mesh
+from deepseek_jax.parallel.pipeline import SCHEDULES, make_schedule
 from deepseek_jax.train.config import REMAT_POLICIES, PipelineConfig, StepConfig
 from deepseek_jax.train.objectives import Pretrain
 from deepseek_jax.train.optim import OptimConfig
@@ -153,19 +156,26 @@ def plan(cfg: ModelConfig, topology: str, mesh: dict[str, int] | str | None = No
 
 def rolled_roofline(cfg: ModelConfig, r: dict[str, Any], moments: str = "float32") -> dict[str, Any]:
     """``r`` (a compiled plan) with its roofline on analytic FLOPs and collective bytes where the layer stacks are
-    rolled loops (any remat, or more than 8 layers): XLA's cost analysis and the HLO text count a loop body once,
-    so the compiler's FLOPs, HBM bytes and collectives are per layer there, not per step. The compiler's own
-    roofline is kept as ``roofline_compiler``; the HBM term stays the compiler's (a lower bound)."""
+    rolled loops (any remat, or more than 8 layers) or the step is the pipeline executor's loop over ticks: XLA's
+    cost analysis and the HLO text count a loop body once, so the compiler's FLOPs, HBM bytes and collectives
+    are per layer (per tick) there, not per step. A pipelined step's compute time is divided by ``1 - bubble``
+    (the schedule's simulated bubble fraction). The compiler's own roofline is kept as ``roofline_compiler``;
+    the HBM term stays the compiler's (a lower bound)."""
     stacks = [n for n in (cfg.n_dense_layers, cfg.n_moe_layers) if n]
-    if r.get("rolled_loops") or not r.get("fits") or all(scan_unroll(0, n, r["remat"]) >= n for n in stacks):
+    piped = r.get("pipeline", "none") != "none"
+    if (r.get("rolled_loops") or not r.get("fits")
+            or (not piped and all(scan_unroll(0, n, r["remat"]) >= n for n in stacks))):
         return r
     _, chip, _ = parse_topology(r["topology"])
     axes = {a: k for a, k in r["mesh_axes"].items() if k > 1}
-    comm = _estimate(cfg, axes, r["remat"], r["batch"], r["seq"], chip, r["devices"], moments)["comm_bytes"]
-    rf = roofline(chip, r["expected_flops_per_device"], r["hbm_bytes_per_chip"], comm, r["model_flops_per_device"],
-                  r["fp8"])
+    pipe = _pipeline(cfg, r["pipeline"], axes["stage"], r["microbatches"]) if piped else None
+    comm = _estimate(cfg, axes, r["remat"], r["batch"], r["seq"], chip, r["devices"], moments, pipe)["comm_bytes"]
+    bubble = pipe["bubble_fraction"] if piped else 0.0
+    rf = roofline(chip, r["expected_flops_per_device"] / (1 - bubble), r["hbm_bytes_per_chip"], comm,
+                  r["model_flops_per_device"], r["fp8"])
     rf["assumptions"] += ("; rolled layer loops: compute from the analytic FLOPs (model + recomputation), "
-                          "collectives from the analytic traffic, HBM bytes the compiler's (a lower bound)")
+                          "collectives from the analytic traffic, HBM bytes the compiler's (a lower bound)"
+                          + (f"; pipeline bubble {bubble:.1%} of the step (simulated schedule)" if piped else ""))
     return {**r, "rolled_loops": True, "roofline": rf, "roofline_compiler": r["roofline"]}
 
 
@@ -268,15 +278,17 @@ def _factorizations(n: int, parts: int) -> list[tuple[int, ...]]:
     return [(d,) + rest for d in range(1, n + 1) if n % d == 0 for rest in _factorizations(n // d, parts - 1)]
 
 
-def candidate_layouts(cfg: ModelConfig, n_devices: int, batch: int, max_tensor: int = 8) -> list[dict[str, int]]:
-    """Every ``data x fsdp x expert x tensor`` factorisation of ``n_devices`` the model and batch allow
-    (:func:`~deepseek_jax.nn.placement.check_layout`: experts, heads and every sharded dim divisible, the batch
-    over the batch axes, node-limited routing mapping onto the expert shards), ``tensor <= max_tensor``."""
+def candidate_layouts(cfg: ModelConfig, n_devices: int, batch: int, max_tensor: int = 8,
+                      stages: bool = False) -> list[dict[str, int]]:
+    """Every ``data x fsdp x expert x tensor`` (``x stage`` with ``stages``) factorisation of ``n_devices`` the
+    model and batch allow (:func:`~deepseek_jax.nn.placement.check_layout`: experts, heads and every sharded dim
+    divisible, the batch over the batch axes, node-limited routing mapping onto the expert shards),
+    ``tensor <= max_tensor``; a ``stage`` axis needs MoE layers to split (schedules: :func:`_pipelined`)."""
     out = []
-    for d, f, e, t in _factorizations(n_devices, 4):
-        if t > max_tensor or (cfg.moe is None and e > 1):
+    for d, f, e, t, s in _factorizations(n_devices, 5):
+        if t > max_tensor or (cfg.moe is None and e > 1) or (s > 1 and (not stages or cfg.n_moe_layers < s)):
             continue
-        axes = dict(zip(("data", "fsdp", "expert", "tensor"), (d, f, e, t)))
+        axes = dict(zip(("data", "fsdp", "expert", "tensor", "stage"), (d, f, e, t, s)))
         try:
             check_layout(cfg, _abstract_mesh(axes), global_batch=batch)
         except ValueError:
@@ -288,54 +300,104 @@ def candidate_layouts(cfg: ModelConfig, n_devices: int, batch: int, max_tensor: 
 _ACTIVATIONS = {"full": 2, "deepseek": 6, "none": 24}  # saved [tokens, d] tensors per layer: a pruning heuristic
 
 
+@functools.lru_cache(maxsize=64)
+def _pipeline(cfg: ModelConfig, schedule: str, ranks: int, microbatches: int) -> dict[str, Any]:
+    """:func:`~deepseek_jax.analysis.pipeline.pipeline_report`, once per (schedule, ranks, count) in a search."""
+    return pipeline_report(cfg, schedule, ranks, microbatches)
+
+
 def _estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, seq: int, chip, n: int,
-              moments: str) -> dict[str, float]:
+              moments: str, pipe: dict[str, Any] | None = None) -> dict[str, float]:
     """Analytic per-chip bytes (state by the rules table + ``_ACTIVATIONS[remat]`` layer inputs per layer + the
     expert GEMMs over the expert-parallel receive buffer's (row, slot) pairs, sized for the worst case, which grow
     with ``expert``: one layer's under full remat, every MoE layer's saved ones otherwise (V3 on v5p:8x8x4 with
     the ``deepseek`` policy: 146-381 GiB by the compiler) + the local experts' weights gathered over ``fsdp``,
-    which shrink with ``expert``) and
-    a step-time estimate (compute at peak; fsdp gathers and reduce-scatters, data all-reduces, expert
-    all-to-alls and tensor all-reduces at the interconnect bandwidth) to rank layouts before compiling."""
-    sb = _state_bytes(cfg, axes, batch, seq, moments)
-    tokens, act = batch * seq / n * axes.get("tensor", 1), np.dtype(cfg.dtype).itemsize
-    layers = cfg.n_layers + cfg.mtp.depth
-    mem = sb["state"] + _ACTIVATIONS[remat] * tokens * cfg.d_model * act * layers
+    which shrink with ``expert``) and a step-time estimate (compute at peak; fsdp gathers and reduce-scatters,
+    data all-reduces, expert all-to-alls and tensor all-reduces at the interconnect bandwidth) to rank layouts
+    before compiling. With ``pipe`` (the :func:`pipeline_report` of the layout's ``stage`` axis) a rank holds
+    its share of the parameters (its stages + the shared embedding and head), saves the activations of the
+    schedule's peak of micro-batches in flight over its layers, gathers its FSDP-sharded weights whole once per
+    step (plus their float32 gradients: the executor is ZeRO-1), sends each micro-batch's activations and
+    gradients across its stage boundaries, and computes for ``1 / (1 - bubble fraction)`` of the ideal time."""
+    s = axes.get("stage", 1)
+    sb = _state_bytes(cfg, {a: k for a, k in axes.items() if a != "stage"}, batch, seq, moments)
+    frac, micro, inflight, share, bubble, chunks = 1.0, 1, 1, 1.0, 0.0, 0
+    if pipe is not None:
+        frac = max(pipe["rank_param_bytes"]) / (pipe["stage_param_bytes"] * pipe["stages"] + pipe["shared_param_bytes"])
+        chunks = max(len(c) for c in pipe["stages_per_rank"])
+        micro, inflight, share, bubble = (pipe["microbatches"], max(pipe["peak_activations"]), chunks / pipe["stages"],
+                                          pipe["bubble_fraction"])
+    tokens, act = batch * seq / (n // s) * axes.get("tensor", 1), np.dtype(cfg.dtype).itemsize  # per device, step
+    layers, moe_layers = (cfg.n_layers + cfg.mtp.depth) * share, cfg.n_moe_layers * share  # per rank
+    mb = tokens / micro  # one micro-batch (the whole batch without a pipeline)
+    mem = sb["state"] * frac + _ACTIVATIONS[remat] * mb * inflight * cfg.d_model * act * layers
     d, f, e, t = (axes.get(a, 1) for a in ("data", "fsdp", "expert", "tensor"))
     if cfg.moe is not None:
         m, fm = cfg.moe, cfg.moe.moe_intermediate_size
-        rows = e * dispatch_capacity(int(tokens), m.experts_per_token, e, m.capacity_factor) if e > 1 else tokens
+        rows = e * dispatch_capacity(int(mb), m.experts_per_token, e, m.capacity_factor) if e > 1 else mb
         pairs = rows * m.experts_per_token  # the dropless receive buffer's (row, slot) pairs, worst case
         mem += 2 * pairs * (3 * fm + cfg.d_model) * act  # one layer's [w1|w3] out, SwiGLU out, w2 out (fwd + bwd)
         if remat != "full":  # kept for the backward in every MoE layer: swiglu_in and expert_out (or everything)
-            mem += pairs * ((2 if remat == "deepseek" else 3) * fm + cfg.d_model) * act * cfg.n_moe_layers
-        if f > 1:  # the local experts' weights gathered over fsdp
+            mem += pairs * ((2 if remat == "deepseek" else 3) * fm + cfg.d_model) * act * moe_layers * inflight
+        if f > 1 and pipe is None:  # the local experts' weights gathered over fsdp
             mem += 2 * 3 * m.n_routed_experts * cfg.d_model * m.moe_intermediate_size * act / (e * t)
-    comm = 3 * sb["params"] * (f - 1) + 2 * sb["grads"] * (d - 1) / d
+    if f > 1 and pipe is not None:  # the rank's weights and their float32 gradients gathered over fsdp
+        mem += (sb["params"] + sb["grads"]) * frac * (f - 1)
+    comm = 3 * sb["params"] * frac * (f - 1) + 2 * sb["grads"] * frac * (d - 1) / d
     if cfg.moe is not None and e > 1:
-        comm += 4 * tokens * cfg.moe.experts_per_token * cfg.d_model * act * cfg.n_moe_layers * (e - 1) / e
-    comm += 4 * 2 * tokens * cfg.d_model * act * layers * (t - 1) / t
+        comm += 4 * tokens * cfg.moe.experts_per_token * cfg.d_model * act * moe_layers * (e - 1) / e
+    comm += 4 * 2 * tokens * cfg.d_model * act * layers * (t - 1) / t + 2 * tokens * cfg.d_model * act * chunks
     compute = flops_per_token(cfg, seq) * batch * seq / n * (8 / 6 if remat == "full" else 1) / chip.bf16
-    return {"bytes": mem, "step_s": max(compute, comm / chip.ici), "comm_bytes": comm}
+    return {"bytes": mem, "step_s": max(compute / (1 - bubble), comm / chip.ici), "compute_s": compute / (1 - bubble),
+            "comm_bytes": comm, "bubble_fraction": bubble}
+
+
+def _pipelined(cfg: ModelConfig, axes: dict[str, int], batch: int, schedules: Sequence[str]) -> list[tuple]:
+    """``(schedule, micro-batches, report)`` for every schedule (``"1f1b"``: every count; ``"1f1b:8"``: that one)
+    and micro-batch count the layout's ``stage`` axis and the batch allow: the batch splits into the schedule's
+    inputs (micro-batches x stages per rank over ranks) on every ``data x fsdp x expert`` shard and the
+    MoE layers fill its stages."""
+    rows = batch // math.prod(axes.get(a, 1) for a in BATCH_AXES)
+    out = []
+    for entry in schedules:
+        name, _, count = entry.partition(":")
+        for m in [int(count)] if count else [k for k in range(1, rows + 1) if rows % k == 0]:
+            try:
+                sched = make_schedule(name, axes["stage"], m)
+                if rows % (m * (sched.n_stages // sched.pipe_len)) == 0:
+                    out.append((name, m, _pipeline(cfg, name, axes["stage"], m)))
+            except ValueError:
+                continue
+    return out
 
 
 def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=("full", "deepseek", "none"),
-           max_compiles: int = 4, moments: str = "float32", fp8: bool = False, progress=None) -> dict[str, Any]:
-    """Rank the layouts of a slice: every valid factorisation x remat policy estimated analytically
-    (:func:`_estimate`), those whose estimate fits 90% of HBM ordered by estimated step time and compiled
-    (:func:`plan`) in that order until ``max_compiles`` fit (at most ``2 * max_compiles`` attempts; when none is
-    estimated to fit, the ``max_compiles`` smallest estimates are compiled, to report what they need). Returns
-    ``{"candidates": n, "estimated": [...], "compiled": [...plans, fitting ones first by roofline step time]}``.
-    ``progress(i, n, axes, remat)`` is called per compile."""
+           max_compiles: int = 4, moments: str = "float32", fp8: bool = False, progress=None,
+           pipelines: Sequence[str] = ()) -> dict[str, Any]:
+    """Rank the layouts of a slice: every valid factorisation x remat policy (with ``pipelines``, e.g.
+    ``("1f1b", "dualpipev:8")``, also every ``stage`` factorisation x those schedules x every micro-batch count
+    the batch allows, or the one given) estimated analytically (:func:`_estimate`), those whose estimate fits 90%
+    of HBM ordered by estimated step time and compiled (:func:`plan`) in that order until ``max_compiles`` fit
+    (at most ``2 * max_compiles`` attempts; when none is estimated to fit, the ``max_compiles`` smallest
+    estimates are compiled, to report what they need). Returns ``{"candidates": n, "estimated": [...],
+    "compiled": [...plans, fitting ones first by roofline step time]}``. ``progress(i, n, mesh, remat)`` is
+    called per compile (``remat`` then names the schedule too)."""
+    for entry in pipelines:
+        name, _, count = entry.partition(":")
+        if name not in SCHEDULES or (count and not count.isdigit()):
+            raise ValueError(f"--pipeline {entry!r}: with --search, schedules ({', '.join(sorted(SCHEDULES))}), each "
+                             "with an optional :MICROBATCHES, comma-separated")
     _, chip, n_chips = parse_topology(topology)
     n_dev = len(topology_devices(topology)) if chip.compilable else n_chips
     capacity = chip.hbm * n_chips / n_dev
     rows = []
-    for axes in candidate_layouts(cfg, n_dev, batch):
+    for axes in candidate_layouts(cfg, n_dev, batch, stages=bool(pipelines)):
+        pipes = _pipelined(cfg, axes, batch, pipelines) if "stage" in axes else [("none", 1, None)]
         for remat in remats:
-            est = _estimate(cfg, axes, remat, batch, seq, chip, n_dev, moments)
-            rows.append({"mesh": describe(axes), "axes": axes, "remat": remat, **est,
-                         "fits_estimate": est["bytes"] <= 0.9 * capacity})
+            for name, micro, rep in pipes:
+                est = _estimate(cfg, axes, remat, batch, seq, chip, n_dev, moments, rep)
+                rows.append({"mesh": describe(axes), "axes": axes, "remat": remat, "pipeline": name,
+                             "microbatches": micro, **est, "fits_estimate": est["bytes"] <= 0.9 * capacity})
     rows.sort(key=lambda r: (not r["fits_estimate"], r["step_s"], r["bytes"]))
     # the promising ones in order until max_compiles of them fit (an over-budget compile fails in about a
     # minute; at most twice as many attempts); if none is estimated to fit, the smallest estimates
@@ -346,12 +408,16 @@ def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=
         if sum(p["fits"] for p in compiled) == max_compiles:
             break
         if progress is not None:
-            progress(i, len(chosen), r["mesh"], r["remat"])
+            progress(i, len(chosen), r["mesh"], r["remat"] + _pipe_label(r))
         compiled.append(plan(cfg, topology, r["axes"], batch=batch, seq=seq, remat=r["remat"], fp8=fp8,
-                             moments=moments))
+                             moments=moments, pipeline=r["pipeline"], microbatches=r["microbatches"]))
     compiled.sort(key=lambda p: (not p["fits"], p.get("roofline", {}).get("step_s_overlapped", float("inf"))))
     return {"topology": topology, "batch": batch, "seq": seq, "candidates": len(rows), "estimated": rows,
             "compiled": compiled}
+
+
+def _pipe_label(r: dict[str, Any]) -> str:
+    return f", {r['pipeline']}:{r['microbatches']}" if r.get("pipeline", "none") != "none" else ""
 
 
 def format_search(r: dict[str, Any]) -> str:
@@ -359,11 +425,12 @@ def format_search(r: dict[str, Any]) -> str:
     g = 2 ** 30
     lines = [f"{r['topology']}: {r['candidates']} layouts x remat estimated, {len(r['compiled'])} compiled "
              f"(batch {r['batch']} x {r['seq']})", "",
-             f"{'mesh':34s} {'remat':9s} {'fits':5s} {'peak GiB':>9s} {'step ms':>9s} {'MFU':>6s} {'compile s':>9s}"]
+             f"{'mesh':34s} {'remat':18s} {'fits':5s} {'peak GiB':>9s} {'step ms':>9s} {'MFU':>6s} {'compile s':>9s}"]
     for p in r["compiled"]:
         b, rf = p["per_chip_bytes"], p.get("roofline", {})
         peak = f"{b['peak'] / g:9.2f}" if b.get("peak") else f"{'?':>9s}"
         step = f"{rf['step_s_overlapped'] * 1e3:9.1f}" if rf else f"{'-':>9s}"
         mfu = f"{rf['mfu_overlapped']:6.1%}" if rf else f"{'-':>6s}"
-        lines.append(f"{p['mesh']:34s} {p['remat']:9s} {str(p['fits']):5s} {peak} {step} {mfu} {p['compile_s']:9.1f}")
+        lines.append(f"{p['mesh']:34s} {p['remat'] + _pipe_label(p):18s} {str(p['fits']):5s} {peak} {step} {mfu} "
+                     f"{p['compile_s']:9.1f}")
     return "\n".join(lines)
