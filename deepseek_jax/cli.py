@@ -35,7 +35,7 @@ from deepseek_jax.train.corpus import read_documents
 from deepseek_jax.train.data import DataConfig, eos_id, split_documents
 from deepseek_jax.train.lock import RunLocked
 from deepseek_jax.train.loop import TrainingDiverged, train
-from deepseek_jax.train.plan import PlanUnavailable, format_plan, format_search, plan, search
+from deepseek_jax.train.plan import PlanUnavailable, format_plan, format_search, plan, search, topology_devices
 from deepseek_jax.train.run_dir import CheckpointCorrupt, CheckpointWriteError, RunDir, load_run
 from deepseek_jax.train.step import step_layout_report
 from deepseek_jax.train.synthetic import NIAHConfig
@@ -67,7 +67,7 @@ def _log(msg: str) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    if args.mesh:
+    if args.mesh and not args.topology:
         _fake_cpu_devices(mesh_size(args.mesh))
     cfg = load_config(args.config) if args.config else config_from_hf(args.hf)
     if args.pipeline:
@@ -122,8 +122,8 @@ def _pipeline(cfg, args: argparse.Namespace) -> int:
 
 
 def _layout(cfg, args: argparse.Namespace) -> int:
-    axes, devices = parse_mesh(args.mesh), jax.devices()
-    mesh = make_mesh(axes, devices[:mesh_size(axes)] if jax.default_backend() == "cpu" else devices)
+    axes, devices = parse_mesh(args.mesh), topology_devices(args.topology) if args.topology else jax.devices()
+    mesh = make_mesh(axes, devices[:mesh_size(axes)] if devices[0].platform == "cpu" else devices)
     report = step_layout_report(cfg, mesh, batch=args.batch, seq=args.seq, remat=args.remat, compile=not args.no_step)
     print(json.dumps(report, indent=1, default=str) if args.json else format_report(report))
     return 0
@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=_positive, default=8, help="global batch of the step analysed with --mesh")
     p.add_argument("--seq", type=_positive, default=128, help="sequence length of the step analysed with --mesh")
     p.add_argument("--no-step", action="store_true", help="with --mesh: skip compiling the training step")
+    p.add_argument("--topology", help="with --mesh: lay out over a TPU slice's devices, compiled here (e.g. v5p:2x2x2)")
     p.add_argument("--pipeline", help="with --mesh stage=N: stage split, bytes per rank, bubble, activation peak of "
                    "SCHEDULE:MICROBATCHES, e.g. dualpipev:8 (gpipe, 1f1b, interleaved_1f1b, zb_h1, dualpipe(v))")
     p.add_argument("--remat", default="none", help="with --mesh: the training step's recomputation policy "

@@ -91,6 +91,19 @@ def test_argument_bytes_equal_the_sharded_state_and_batch(tiny_ep):
 
 
 @needs_tpu_compiler
+def test_info_lays_out_over_a_topologys_devices(tiny_ep, capsys):
+    """``info --mesh ... --topology``: the layout report's step compiled for the slice's devices is the plan's
+    program (the same argument bytes) and dispatches experts with the TPU's ragged all-to-all."""
+    from deepseek_jax.cli import main
+
+    assert main(["info", "--config", "tiny", "--mesh", "data=2,expert=4", "--topology", "v5p:2x2x2",
+                 "--batch", "8", "--seq", "256", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["bytes_per_device"]["step_arguments"] == tiny_ep["per_chip_bytes"]["arguments"]
+    assert r["collectives"]["ragged-all-to-all"]["count"] > 0
+
+
+@needs_tpu_compiler
 def test_compiler_flops_match_the_analytic_model(tiny_ep):
     r = tiny_ep
     assert r["flops_per_chip"] == pytest.approx(r["expected_compiler_flops_per_device"], rel=0.10), r

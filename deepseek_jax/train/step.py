@@ -156,8 +156,9 @@ def _make_train_fns(cfg: ModelConfig, sc: StepConfig, objective: Objective, mesh
             return jit_step.lower(state, batch, hyp)
 
     def compile_step() -> jax.stages.Compiled:
+        lowered = lower_step()  # its PRNG key made outside the mesh: a TPU slice's devices cannot run it
         with jax.set_mesh(mesh):
-            return lower_step().compile()
+            return lowered.compile()
 
     wrap = functools.partial(_in_mesh, mesh)
     return TrainFns(init=wrap(jit_init), step=wrap(jit_step), eval=wrap(jit_eval), batch_sharding=batch_sh,
