@@ -80,6 +80,25 @@ def test_bf16_moments_dtypes_and_update():
     assert s_lo.nu["w"].dtype == jnp.bfloat16
 
 
+def test_float32_moments_are_float32_for_bfloat16_parameters():
+    """``moments_dtype: float32`` with bf16 parameters (the large presets): both moments float32, and AdamW's
+    updates those of the same parameters held in float32 (optax's Adam alone kept the moments in bf16 and computed
+    them in bf16). Without weight decay, whose ``0.1 x params`` is bf16 arithmetic for bf16 parameters."""
+    cfg = optim.OptimConfig(lr=1e-2, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    p32 = {"w": jnp.linspace(-1, 1, 64).reshape(8, 8), "final_norm": {"scale": jnp.ones(8)}}
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
+    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p16)  # the same values
+    tx, _ = optim.make_optimizer(cfg, 10)
+    s16, s32 = tx.init(p16), tx.init(p32)
+    assert {x.dtype for x in jax.tree.leaves((s16[1].mu, s16[1].nu))} == {jnp.dtype(jnp.float32)}
+    for k in range(4):
+        g16 = jax.tree.map(lambda x: (jnp.cos(x * (k + 3)) * 1e-3).astype(jnp.bfloat16), p16)
+        u16, s16 = tx.update(g16, s16, p16)
+        u32, s32 = tx.update(jax.tree.map(lambda x: x.astype(jnp.float32), g16), s32, p32)
+        for a, b in zip(jax.tree.leaves(u16), jax.tree.leaves(u32)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_ema_closed_form(background):
     d = 0.9

@@ -9,7 +9,8 @@
   - ``cosine`` (to ``min_lr_ratio`` x peak) and ``constant``.
   Fractions are of the training steps (tokens, at a constant batch size).
 * ``moments_dtype="bfloat16"`` stores both Adam moments in bf16 (V3 §3.3.3); the arithmetic stays fp32.
-  (``optax.adamw(mu_dtype=...)`` casts only the first moment.)
+  (``optax.adamw(mu_dtype=...)`` casts only the first moment.) ``"float32"`` keeps both in float32 also for
+  bf16 parameters (optax alone would keep them in bf16).
 * :class:`HostEMA`: an exponential moving average of the parameters kept in host memory (V3 §3.2.3),
   ``ema <- d * ema + (1 - d) * params`` after each step, optionally on a background thread.
 """
@@ -27,7 +28,8 @@ import optax
 
 from deepseek_jax.nn import tree
 
-__all__ = ["OptimConfig", "lr_schedule", "decay_mask", "scale_by_adam_lowp", "make_optimizer", "HostEMA"]
+__all__ = ["OptimConfig", "lr_schedule", "decay_mask", "scale_by_adam_lowp", "scale_by_adam_f32", "make_optimizer",
+           "HostEMA"]
 
 SCHEDULES = ("constant", "cosine", "multistep", "v3")
 # DeepSeek-V3 §4.2 boundaries as fractions of the 14.8T training tokens.
@@ -133,13 +135,25 @@ def scale_by_adam_lowp(b1: float, b2: float, eps: float, dtype=jnp.bfloat16) -> 
     return optax.GradientTransformation(init, update)
 
 
+def scale_by_adam_f32(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` with both moments in float32 whatever the parameters' dtype: optax keeps the second
+    moment (and the first, unless ``mu_dtype``) in the parameters' dtype, i.e. bfloat16 for the bf16 presets, and
+    computes them in the gradients' dtype. For float32 parameters it is ``optax.scale_by_adam`` itself (the same
+    state and numbers)."""
+    inner = optax.scale_by_adam(b1, b2, eps, mu_dtype=jnp.float32)
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)  # noqa: E731
+    return optax.GradientTransformation(
+        lambda params: inner.init(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)),
+        lambda grads, state, params=None: inner.update(f32(grads), state, params))
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``clip(global norm) -> Adam -> decoupled weight decay (not on norms) -> -lr``; returns ``(tx, schedule)``."""
     schedule = lr_schedule(cfg, total_steps)
     if cfg.moments_dtype == "bfloat16":
         adam = scale_by_adam_lowp(cfg.b1, cfg.b2, cfg.eps)
     else:
-        adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
+        adam = scale_by_adam_f32(cfg.b1, cfg.b2, cfg.eps)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         adam,
