@@ -4,6 +4,7 @@ one slice, and the best estimated layout of each slice size compiled, written as
 
     JAX_PLATFORMS=cpu python benchmarks/plan_v3.py --out benchmarks/results/plan_v3_v5p.json
     JAX_PLATFORMS=cpu python benchmarks/plan_v3.py --search-only --topology v5p:8x8x4 --max-compiles 3
+    JAX_PLATFORMS=cpu python benchmarks/plan_v3.py --out benchmarks/results/plan_v3_v5p.json --pipelines 1f1b,dualpipev
 
 Each slice's plan is printed as it finishes (stderr) and the file rewritten after it: an interrupted run keeps
 what it finished, and a rerun with the same ``--out`` skips the plans already in it.
@@ -24,7 +25,7 @@ from _provenance import provenance  # noqa: E402
 
 from deepseek_jax.analysis.chips import parse_topology  # noqa: E402
 from deepseek_jax.config import load_config  # noqa: E402
-from deepseek_jax.train.plan import format_search, rolled_roofline, search  # noqa: E402
+from deepseek_jax.train.plan import format_plan, format_search, plan, rolled_roofline, search  # noqa: E402
 
 SLICES = ("v5p:4x4x4", "v5p:4x4x8", "v5p:8x8x4", "v5p:8x8x8", "v5p:8x8x16")  # 64 .. 1,024 chips
 
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--max-compiles", type=int, default=3)
     ap.add_argument("--moments", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--search-only", action="store_true")
+    ap.add_argument("--pipelines", default="", help="e.g. 1f1b,dualpipev: estimate --topology's stage layouts with "
+                    "these schedules too, and compile the best pipelined estimate")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     cfg = load_config(args.config)
@@ -54,7 +57,9 @@ def main() -> None:
            "moments": args.moments, "search": None, "slices": {}, **provenance()}
     if args.out and os.path.exists(args.out):  # plans already made are kept (their roofline brought up to date)
         old = json.load(open(args.out))
-        doc["search"], doc["slices"] = old.get("search"), old.get("slices", {})
+        doc["search"], doc["slices"], doc["pipelined"] = old.get("search"), old.get("slices", {}), old.get("pipelined")
+        if "moments_note" in old:  # what the kept plans were compiled with
+            doc["moments_note"] = old["moments_note"]
         first = old.get("plans_provenance") or {k: old.get(k) for k in ("git_sha", "git_dirty", "date")}
         doc["plans_provenance"] = first  # where the compiles ran (this run's provenance is the file's)
         if doc["search"]:
@@ -73,6 +78,22 @@ def main() -> None:
         doc["search"] = r
         _save(args.out, doc)
         print(format_search(r), file=sys.stderr, flush=True)
+    if args.pipelines and not doc.get("pipelined"):
+        chips, pipes = parse_topology(args.topology)[2], tuple(args.pipelines.split(","))
+        t0 = time.perf_counter()
+        r = search(cfg, args.topology, args.rows_per_chip * chips, args.seq, max_compiles=0, moments=args.moments,
+                   pipelines=pipes)
+        piped = [x for x in r["estimated"] if x["pipeline"] != "none"]
+        best = next(x for x in piped if x["fits_estimate"])
+        doc["pipelined"] = {"schedules": pipes, "candidates": r["candidates"], "estimate_s": round(
+            time.perf_counter() - t0, 1), "fits_estimate": sum(x["fits_estimate"] for x in r["estimated"]),
+            "rank_of_best_pipelined": r["estimated"].index(best), "estimated": piped[:20]}
+        log(0, 1, best["mesh"], f"{best['remat']}, {best['pipeline']}:{best['microbatches']}")
+        doc["pipelined"]["plan"] = plan(cfg, args.topology, best["axes"], args.rows_per_chip * chips, args.seq,
+                                        best["remat"], moments=args.moments, pipeline=best["pipeline"],
+                                        microbatches=best["microbatches"])
+        _save(args.out, doc)
+        print(format_plan(doc["pipelined"]["plan"]), file=sys.stderr, flush=True)
     for topo in [] if args.search_only else args.slices:
         if topo in doc["slices"]:
             continue
