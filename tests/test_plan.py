@@ -261,6 +261,29 @@ def test_search_with_pipelines_adds_every_stage_layout_and_micro_batch_count(mon
         plan_mod.search(cfg, "v5p:2x2x2", batch=8, pipelines=("1f1bx",))
 
 
+def test_cached_plans_compile_once_per_distinct_question(monkeypatch, tmp_path):
+    """``cached_plan``: a second search asking the same (model, slice, layout, options) reads the stored plan;
+    any other option, layout or model field compiles anew (``plan`` counted, not run)."""
+    from deepseek_jax.config import load_config
+    from deepseek_jax.train import plan as plan_mod
+
+    calls = []
+
+    def fake_plan(cfg, topology, axes, **kw):
+        calls.append(1)
+        return {"fits": True, "n": len(calls)}
+
+    def ask(c=None, axes=None, **kw):
+        return plan_mod.cached_plan(tmp_path, c or cfg, "v5p:2x2x2", axes or {"fsdp": 8},
+                                    **{"batch": 8, "remat": "full", **kw})
+    monkeypatch.setattr(plan_mod, "plan", fake_plan)
+    cfg = load_config("tiny")
+    assert ask() == {"fits": True, "n": 1} and ask() == {"fits": True, "n": 1, "cached": True}
+    assert ask(remat="none")["n"] == 2 and ask(axes={"data": 8})["n"] == 3
+    assert ask(c=cfg.replace(moe={"capacity_factor": 1.5}))["n"] == 4 and len(calls) == 4
+    assert plan_mod.cached_plan(None, cfg, "v5p:2x2x2", {"fsdp": 8}, batch=8)["n"] == 5  # no folder: no cache
+
+
 def test_a_rolled_layer_loop_gets_the_analytic_roofline():
     """XLA counts a rolled loop's body once, so a plan with rolled layer stacks (any remat) takes its roofline's
     compute and collectives from the analytic model; an unrolled one (remat none, <= 8 layers) keeps the

@@ -14,34 +14,35 @@ only, stated as such.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import hashlib
+import json
 import math
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType
 
 from deepseek_jax.analysis.chips import parse_topology, roofline
-from deepseek_jax.analysis.layout import collectives_by_axis, layout_report
+from deepseek_jax.analysis.estimate import (cached_pipeline_report, candidate_layouts, estimate, pipelined_candidates,
+                                            state_bytes)
+from deepseek_jax.analysis.layout import collectives_by_axis
 from deepseek_jax.analysis.params import flops_per_token, param_counts
-from deepseek_jax.analysis.pipeline import pipeline_report
 from deepseek_jax.nn.block import scan_unroll
-from deepseek_jax.nn.placement import check_layout
 from deepseek_jax.config import FP8Config, ModelConfig
 from deepseek_jax.parallel.expert import dispatch_capacity
 from deepseek_jax.parallel.mesh import BATCH_AXES, MESH_AXES, describe, make_mesh, mesh_size, parse_mesh
-from deepseek_jax.parallel.pipeline import SCHEDULES, make_schedule
+from deepseek_jax.parallel.pipeline import SCHEDULES
 from deepseek_jax.train.config import REMAT_POLICIES, PipelineConfig, StepConfig
 from deepseek_jax.train.objectives import Pretrain
 from deepseek_jax.train.optim import OptimConfig
 from deepseek_jax.train.step import make_train_fns
 
 __all__ = ["plan", "format_plan", "topology_devices", "PlanUnavailable", "candidate_layouts", "search",
-           "format_search", "rolled_roofline"]
+           "format_search", "rolled_roofline", "cached_plan"]
 
 KERNELS = ("ragged-dot", "ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce",
            "collective-permute")
@@ -168,8 +169,8 @@ def rolled_roofline(cfg: ModelConfig, r: dict[str, Any], moments: str = "float32
         return r
     _, chip, _ = parse_topology(r["topology"])
     axes = {a: k for a, k in r["mesh_axes"].items() if k > 1}
-    pipe = _pipeline(cfg, r["pipeline"], axes["stage"], r["microbatches"]) if piped else None
-    comm = _estimate(cfg, axes, r["remat"], r["batch"], r["seq"], chip, r["devices"], moments, pipe)["comm_bytes"]
+    pipe = cached_pipeline_report(cfg, r["pipeline"], axes["stage"], r["microbatches"]) if piped else None
+    comm = estimate(cfg, axes, r["remat"], r["batch"], r["seq"], chip, r["devices"], moments, pipe)["comm_bytes"]
     bubble = pipe["bubble_fraction"] if piped else 0.0
     rf = roofline(chip, r["expected_flops_per_device"] / (1 - bubble), r["hbm_bytes_per_chip"], comm,
                   r["model_flops_per_device"], r["fp8"])
@@ -177,20 +178,6 @@ def rolled_roofline(cfg: ModelConfig, r: dict[str, Any], moments: str = "float32
                           "collectives from the analytic traffic, HBM bytes the compiler's (a lower bound)"
                           + (f"; pipeline bubble {bubble:.1%} of the step (simulated schedule)" if piped else ""))
     return {**r, "rolled_loops": True, "roofline": rf, "roofline_compiler": r["roofline"]}
-
-
-def _abstract_mesh(axes: dict[str, int]) -> AbstractMesh:
-    """The five-axis mesh of ``axes`` without devices (the rules table and the layout check need only sizes)."""
-    return AbstractMesh(tuple(axes.get(a, 1) for a in MESH_AXES), MESH_AXES,
-                        axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def _state_bytes(cfg: ModelConfig, axes: dict[str, int], batch: int, seq: int, moments: str) -> dict[str, int]:
-    """Per device by the rules table: parameters, float32 gradients, the two AdamW moments in ``moments``."""
-    rep = layout_report(cfg, _abstract_mesh(axes), batch, seq)["bytes_per_device"]
-    opt = int(rep["adam_f32"] * (2 if moments == "bfloat16" else 4) / 4)
-    return {"params": rep["params"], "grads": rep["grads_f32"], "optimizer": opt,
-            "state": rep["params"] + rep["grads_f32"] + opt}
 
 
 def _analytic_only(cfg, out, chip, n_chips, mesh, batch, seq, remat, fp8, moments) -> dict[str, Any]:
@@ -204,7 +191,7 @@ def _analytic_only(cfg, out, chip, n_chips, mesh, batch, seq, remat, fp8, moment
     sc = StepConfig(batch_size=batch, seq_len=seq, steps=10_000, remat=remat)
     a = _analytic(cfg, sc, {k: axes.get(k, 1) for k in MESH_AXES}, remat)
     return {**out, **a, "mesh": describe(axes), "batch": batch, "devices": n_chips, "compiled": False, "fits": None,
-            "per_chip_bytes": {**_state_bytes(cfg, axes, batch, seq, moments), "capacity": int(chip.hbm)},
+            "per_chip_bytes": {**state_bytes(cfg, axes, batch, seq, moments), "capacity": int(chip.hbm)},
             "roofline": roofline(chip, a["expected_flops_per_device"], 0.0, 0.0, a["model_flops_per_device"], fp8),
             "note": f"{chip.name}: no deviceless compiler exists; analytic state bytes and the compute bound only "
                     "(activations, temporaries, HBM traffic and collectives need a compile)"}
@@ -272,116 +259,38 @@ def format_plan(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _factorizations(n: int, parts: int) -> list[tuple[int, ...]]:
-    if parts == 1:
-        return [(n,)]
-    return [(d,) + rest for d in range(1, n + 1) if n % d == 0 for rest in _factorizations(n // d, parts - 1)]
-
-
-def candidate_layouts(cfg: ModelConfig, n_devices: int, batch: int, max_tensor: int = 8,
-                      stages: bool = False) -> list[dict[str, int]]:
-    """Every ``data x fsdp x expert x tensor`` (``x stage`` with ``stages``) factorisation of ``n_devices`` the
-    model and batch allow (:func:`~deepseek_jax.nn.placement.check_layout`: experts, heads and every sharded dim
-    divisible, the batch over the batch axes, node-limited routing mapping onto the expert shards),
-    ``tensor <= max_tensor``; a ``stage`` axis needs MoE layers to split (schedules: :func:`_pipelined`)."""
-    out = []
-    for d, f, e, t, s in _factorizations(n_devices, 5):
-        if t > max_tensor or (cfg.moe is None and e > 1) or (s > 1 and (not stages or cfg.n_moe_layers < s)):
-            continue
-        axes = dict(zip(("data", "fsdp", "expert", "tensor", "stage"), (d, f, e, t, s)))
-        try:
-            check_layout(cfg, _abstract_mesh(axes), global_batch=batch)
-        except ValueError:
-            continue
-        out.append({a: k for a, k in axes.items() if k > 1} or {"data": 1})
-    return out
-
-
-_ACTIVATIONS = {"full": 2, "deepseek": 6, "none": 24}  # saved [tokens, d] tensors per layer: a pruning heuristic
-
-
-@functools.lru_cache(maxsize=64)
-def _pipeline(cfg: ModelConfig, schedule: str, ranks: int, microbatches: int) -> dict[str, Any]:
-    """:func:`~deepseek_jax.analysis.pipeline.pipeline_report`, once per (schedule, ranks, count) in a search."""
-    return pipeline_report(cfg, schedule, ranks, microbatches)
-
-
-def _estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, seq: int, chip, n: int,
-              moments: str, pipe: dict[str, Any] | None = None) -> dict[str, float]:
-    """Analytic per-chip bytes (state by the rules table + ``_ACTIVATIONS[remat]`` layer inputs per layer + the
-    expert GEMMs over the expert-parallel receive buffer's (row, slot) pairs, sized for the worst case, which grow
-    with ``expert``: one layer's under full remat, every MoE layer's saved ones otherwise (V3 on v5p:8x8x4 with
-    the ``deepseek`` policy: 146-381 GiB by the compiler) + the local experts' weights gathered over ``fsdp``,
-    which shrink with ``expert``) and a step-time estimate (compute at peak; fsdp gathers and reduce-scatters,
-    data all-reduces, expert all-to-alls and tensor all-reduces at the interconnect bandwidth) to rank layouts
-    before compiling. With ``pipe`` (the :func:`pipeline_report` of the layout's ``stage`` axis) a rank holds
-    its share of the parameters (its stages + the shared embedding and head), saves the activations of the
-    schedule's peak of micro-batches in flight over its layers, gathers its FSDP-sharded weights whole once per
-    step (plus their float32 gradients: the executor is ZeRO-1), sends each micro-batch's activations and
-    gradients across its stage boundaries, and computes for ``1 / (1 - bubble fraction)`` of the ideal time."""
-    s = axes.get("stage", 1)
-    sb = _state_bytes(cfg, {a: k for a, k in axes.items() if a != "stage"}, batch, seq, moments)
-    frac, micro, inflight, share, bubble, chunks = 1.0, 1, 1, 1.0, 0.0, 0
-    if pipe is not None:
-        frac = max(pipe["rank_param_bytes"]) / (pipe["stage_param_bytes"] * pipe["stages"] + pipe["shared_param_bytes"])
-        chunks = max(len(c) for c in pipe["stages_per_rank"])
-        micro, inflight, share, bubble = (pipe["microbatches"], max(pipe["peak_activations"]), chunks / pipe["stages"],
-                                          pipe["bubble_fraction"])
-    tokens, act = batch * seq / (n // s) * axes.get("tensor", 1), np.dtype(cfg.dtype).itemsize  # per device, step
-    layers, moe_layers = (cfg.n_layers + cfg.mtp.depth) * share, cfg.n_moe_layers * share  # per rank
-    mb = tokens / micro  # one micro-batch (the whole batch without a pipeline)
-    mem = sb["state"] * frac + _ACTIVATIONS[remat] * mb * inflight * cfg.d_model * act * layers
-    d, f, e, t = (axes.get(a, 1) for a in ("data", "fsdp", "expert", "tensor"))
-    if cfg.moe is not None:
-        m, fm = cfg.moe, cfg.moe.moe_intermediate_size
-        rows = e * dispatch_capacity(int(mb), m.experts_per_token, e, m.capacity_factor) if e > 1 else mb
-        pairs = rows * m.experts_per_token  # the dropless receive buffer's (row, slot) pairs, worst case
-        mem += 2 * pairs * (3 * fm + cfg.d_model) * act  # one layer's [w1|w3] out, SwiGLU out, w2 out (fwd + bwd)
-        if remat != "full":  # kept for the backward in every MoE layer: swiglu_in and expert_out (or everything)
-            mem += pairs * ((2 if remat == "deepseek" else 3) * fm + cfg.d_model) * act * moe_layers * inflight
-        if f > 1 and pipe is None:  # the local experts' weights gathered over fsdp
-            mem += 2 * 3 * m.n_routed_experts * cfg.d_model * m.moe_intermediate_size * act / (e * t)
-    if f > 1 and pipe is not None:  # the rank's weights and their float32 gradients gathered over fsdp
-        mem += (sb["params"] + sb["grads"]) * frac * (f - 1)
-    comm = 3 * sb["params"] * frac * (f - 1) + 2 * sb["grads"] * frac * (d - 1) / d
-    if cfg.moe is not None and e > 1:
-        comm += 4 * tokens * cfg.moe.experts_per_token * cfg.d_model * act * moe_layers * (e - 1) / e
-    comm += 4 * 2 * tokens * cfg.d_model * act * layers * (t - 1) / t + 2 * tokens * cfg.d_model * act * chunks
-    compute = flops_per_token(cfg, seq) * batch * seq / n * (8 / 6 if remat == "full" else 1) / chip.bf16
-    return {"bytes": mem, "step_s": max(compute / (1 - bubble), comm / chip.ici), "compute_s": compute / (1 - bubble),
-            "comm_bytes": comm, "bubble_fraction": bubble}
-
-
-def _pipelined(cfg: ModelConfig, axes: dict[str, int], batch: int, schedules: Sequence[str]) -> list[tuple]:
-    """``(schedule, micro-batches, report)`` for every schedule (``"1f1b"``: every count; ``"1f1b:8"``: that one)
-    and micro-batch count the layout's ``stage`` axis and the batch allow: the batch splits into the schedule's
-    inputs (micro-batches x stages per rank over ranks) on every ``data x fsdp x expert`` shard and the
-    MoE layers fill its stages."""
-    rows = batch // math.prod(axes.get(a, 1) for a in BATCH_AXES)
-    out = []
-    for entry in schedules:
-        name, _, count = entry.partition(":")
-        for m in [int(count)] if count else [k for k in range(1, rows + 1) if rows % k == 0]:
-            try:
-                sched = make_schedule(name, axes["stage"], m)
-                if rows % (m * (sched.n_stages // sched.pipe_len)) == 0:
-                    out.append((name, m, _pipeline(cfg, name, axes["stage"], m)))
-            except ValueError:
-                continue
-    return out
+def cached_plan(cache: str | os.PathLike | None, cfg: ModelConfig, topology: str, axes: dict[str, int],
+                **kw: Any) -> dict[str, Any]:
+    """:func:`plan` through a folder of JSON results keyed by everything the compile depends on (the model, the
+    slice, the layout, ``kw``, jax's version): a search rerun, or one with a larger ``max_compiles``, compiles
+    only what it has not. ``cache=None``: :func:`plan` itself."""
+    if cache is None:
+        return plan(cfg, topology, axes, **kw)
+    key = json.dumps([cfg.to_dict(), topology, sorted(axes.items()), sorted(kw.items()), jax.__version__],
+                     sort_keys=True, default=str)
+    path = Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    if path.exists():
+        return {**json.loads(path.read_text()), "cached": True}
+    r = plan(cfg, topology, axes, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(r, default=float))
+    tmp.replace(path)  # whole or absent, never half written
+    return r
 
 
 def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=("full", "deepseek", "none"),
            max_compiles: int = 4, moments: str = "float32", fp8: bool = False, progress=None,
-           pipelines: Sequence[str] = ()) -> dict[str, Any]:
+           pipelines: Sequence[str] = (), cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Rank the layouts of a slice: every valid factorisation x remat policy (with ``pipelines``, e.g.
     ``("1f1b", "dualpipev:8")``, also every ``stage`` factorisation x those schedules x every micro-batch count
-    the batch allows, or the one given) estimated analytically (:func:`_estimate`), those whose estimate fits 90%
+    the batch allows, or the one given) estimated analytically (:func:`estimate`), those whose estimate fits 90%
     of HBM ordered by estimated step time and compiled (:func:`plan`) in that order until ``max_compiles`` fit
     (at most ``2 * max_compiles`` attempts; when none is estimated to fit, the ``max_compiles`` smallest
     estimates are compiled, to report what they need). Returns ``{"candidates": n, "estimated": [...],
     "compiled": [...plans, fitting ones first by roofline step time]}``. ``progress(i, n, mesh, remat)`` is
-    called per compile (``remat`` then names the schedule too)."""
+    called per compile (``remat`` then names the schedule too); ``cache``: a folder of compiled plans
+    (:func:`cached_plan`)."""
     for entry in pipelines:
         name, _, count = entry.partition(":")
         if name not in SCHEDULES or (count and not count.isdigit()):
@@ -392,10 +301,10 @@ def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=
     capacity = chip.hbm * n_chips / n_dev
     rows = []
     for axes in candidate_layouts(cfg, n_dev, batch, stages=bool(pipelines)):
-        pipes = _pipelined(cfg, axes, batch, pipelines) if "stage" in axes else [("none", 1, None)]
+        pipes = pipelined_candidates(cfg, axes, batch, pipelines) if "stage" in axes else [("none", 1, None)]
         for remat in remats:
             for name, micro, rep in pipes:
-                est = _estimate(cfg, axes, remat, batch, seq, chip, n_dev, moments, rep)
+                est = estimate(cfg, axes, remat, batch, seq, chip, n_dev, moments, rep)
                 rows.append({"mesh": describe(axes), "axes": axes, "remat": remat, "pipeline": name,
                              "microbatches": micro, **est, "fits_estimate": est["bytes"] <= 0.9 * capacity})
     rows.sort(key=lambda r: (not r["fits_estimate"], r["step_s"], r["bytes"]))
@@ -409,8 +318,8 @@ def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=
             break
         if progress is not None:
             progress(i, len(chosen), r["mesh"], r["remat"] + _pipe_label(r))
-        compiled.append(plan(cfg, topology, r["axes"], batch=batch, seq=seq, remat=r["remat"], fp8=fp8,
-                             moments=moments, pipeline=r["pipeline"], microbatches=r["microbatches"]))
+        compiled.append(cached_plan(cache, cfg, topology, r["axes"], batch=batch, seq=seq, remat=r["remat"], fp8=fp8,
+                                    moments=moments, pipeline=r["pipeline"], microbatches=r["microbatches"]))
     compiled.sort(key=lambda p: (not p["fits"], p.get("roofline", {}).get("step_s_overlapped", float("inf"))))
     return {"topology": topology, "batch": batch, "seq": seq, "candidates": len(rows), "estimated": rows,
             "compiled": compiled}
