@@ -360,7 +360,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.search:
         pipes = tuple(filter(None, (args.pipeline or "").split(",")))
         r = search(cfg, args.topology, args.batch, max_compiles=args.max_compiles, pipelines=pipes, cache=args.cache,
-                   progress=lambda i, n, mesh, how: _log(f"compiling {i + 1}/{n}: {mesh}, {how}"), **kw)
+                   jobs=args.jobs, progress=lambda i, n, mesh, how: _log(f"compiling {i + 1}/{n}: {mesh}, {how}"), **kw)
     else:
         sched, micro = parse_pipeline(args.pipeline) if args.pipeline else ("none", 1)
         r = plan(cfg, args.topology, args.mesh, args.batch, remat=args.remat, pipeline=sched, microbatches=micro, **kw)
@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--search", action="store_true", help="rank layouts x remat (x --pipeline): compile the best")
     pl.add_argument("--max-compiles", type=_positive, default=4)
     pl.add_argument("--cache", help="with --search: a folder of compiled plans (reruns compile only what is new)")
+    pl.add_argument("--jobs", type=_positive, default=1, help="with --search: compiles at once (processes)")
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. moe.capacity_factor=1.25")
     pl.set_defaults(fn=_plan)

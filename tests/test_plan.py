@@ -261,6 +261,29 @@ def test_search_with_pipelines_adds_every_stage_layout_and_micro_batch_count(mon
         plan_mod.search(cfg, "v5p:2x2x2", batch=8, pipelines=("1f1bx",))
 
 
+@needs_tpu_compiler
+def test_search_compiles_in_parallel_processes_and_reads_its_cache(tmp_path):
+    """``jobs=2``: the two best estimates compiled at once in spawned processes, the best one's memory and FLOPs
+    those of the same plan compiled in this process; the same search again, one job, reads both from the cache
+    the workers wrote."""
+    from deepseek_jax.config import load_config
+    from deepseek_jax.train.plan import plan, search
+
+    cfg, kw = load_config("niah-tiny"), dict(batch=8, seq=64, max_compiles=2, cache=tmp_path)
+    r = search(cfg, "v5p:2x2x1", jobs=2, **kw)
+    top = [(x["mesh"], x["remat"]) for x in r["estimated"][:2]]
+    assert sorted((p["mesh"], p["remat"]) for p in r["compiled"]) == sorted(top)
+    assert all(p["fits"] for p in r["compiled"])
+    best = r["estimated"][0]
+    with jax.default_matmul_precision(None):  # as in the workers, which do not inherit conftest's "highest"
+        direct = plan(cfg, "v5p:2x2x1", best["axes"], batch=8, seq=64, remat=best["remat"])  # in this process
+    got = next(p for p in r["compiled"] if (p["mesh"], p["remat"]) == top[0])
+    assert (got["per_chip_bytes"], got["flops_per_chip"]) == (direct["per_chip_bytes"], direct["flops_per_chip"])
+    again = search(cfg, "v5p:2x2x1", jobs=1, **kw)
+    assert all(p.get("cached") for p in again["compiled"])
+    assert [p["per_chip_bytes"] for p in again["compiled"]] == [p["per_chip_bytes"] for p in r["compiled"]]
+
+
 def test_cached_plans_compile_once_per_distinct_question(monkeypatch, tmp_path):
     """``cached_plan``: a second search asking the same (model, slice, layout, options) reads the stored plan;
     any other option, layout or model field compiles anew (``plan`` counted, not run)."""

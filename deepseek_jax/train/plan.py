@@ -13,10 +13,12 @@ only, stated as such.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import time
@@ -281,7 +283,7 @@ def cached_plan(cache: str | os.PathLike | None, cfg: ModelConfig, topology: str
 
 def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=("full", "deepseek", "none"),
            max_compiles: int = 4, moments: str = "float32", fp8: bool = False, progress=None,
-           pipelines: Sequence[str] = (), cache: str | os.PathLike | None = None) -> dict[str, Any]:
+           pipelines: Sequence[str] = (), cache: str | os.PathLike | None = None, jobs: int = 1) -> dict[str, Any]:
     """Rank the layouts of a slice: every valid factorisation x remat policy (with ``pipelines``, e.g.
     ``("1f1b", "dualpipev:8")``, also every ``stage`` factorisation x those schedules x every micro-batch count
     the batch allows, or the one given) estimated analytically (:func:`estimate`), those whose estimate fits 90%
@@ -290,7 +292,8 @@ def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=
     estimates are compiled, to report what they need). Returns ``{"candidates": n, "estimated": [...],
     "compiled": [...plans, fitting ones first by roofline step time]}``. ``progress(i, n, mesh, remat)`` is
     called per compile (``remat`` then names the schedule too); ``cache``: a folder of compiled plans
-    (:func:`cached_plan`)."""
+    (:func:`cached_plan`); ``jobs``: compiles run at once, each in its own process (the TPU compiler uses about
+    one core per compile; a V3 compile holds several GB)."""
     for entry in pipelines:
         name, _, count = entry.partition(":")
         if name not in SCHEDULES or (count and not count.isdigit()):
@@ -312,17 +315,50 @@ def search(cfg: ModelConfig, topology: str, batch: int, seq: int = 4096, remats=
     # minute; at most twice as many attempts); if none is estimated to fit, the smallest estimates
     fitting = [r for r in rows if r["fits_estimate"]]
     chosen = fitting[:2 * max_compiles] if fitting else sorted(rows, key=lambda r: r["bytes"])[:max_compiles]
-    compiled = []
-    for i, r in enumerate(chosen):
-        if sum(p["fits"] for p in compiled) == max_compiles:
-            break
-        if progress is not None:
-            progress(i, len(chosen), r["mesh"], r["remat"] + _pipe_label(r))
-        compiled.append(cached_plan(cache, cfg, topology, r["axes"], batch=batch, seq=seq, remat=r["remat"], fp8=fp8,
-                                    moments=moments, pipeline=r["pipeline"], microbatches=r["microbatches"]))
+    jobs_kw = [(cache, cfg, topology, r["axes"], dict(batch=batch, seq=seq, remat=r["remat"], fp8=fp8, moments=moments,
+                                                      pipeline=r["pipeline"], microbatches=r["microbatches"]))
+               for r in chosen]
+    compiled = _compile_in_order(chosen, jobs_kw, max_compiles, jobs, progress)
     compiled.sort(key=lambda p: (not p["fits"], p.get("roofline", {}).get("step_s_overlapped", float("inf"))))
     return {"topology": topology, "batch": batch, "seq": seq, "candidates": len(rows), "estimated": rows,
             "compiled": compiled}
+
+
+def _cached_plan_job(job: tuple) -> dict[str, Any]:
+    cache, cfg, topology, axes, kw = job
+    return cached_plan(cache, cfg, topology, axes, **kw)
+
+
+def _compile_in_order(chosen: list[dict], jobs_kw: list[tuple], max_compiles: int, jobs: int,
+                      progress) -> list[dict[str, Any]]:
+    """The plans of ``chosen`` in rank order until ``max_compiles`` fit: one at a time, or up to ``jobs`` at once in
+    spawned processes (a new one starts while those fitted plus those in flight are fewer than ``max_compiles``;
+    the workers see this process's environment, not JAX settings made in it with ``jax.config``)."""
+    def note(i):
+        if progress is not None:
+            progress(i, len(chosen), chosen[i]["mesh"], chosen[i]["remat"] + _pipe_label(chosen[i]))
+    out: list[dict[str, Any]] = []
+    if jobs <= 1:
+        for i, job in enumerate(jobs_kw):
+            if sum(p["fits"] for p in out) >= max_compiles:
+                break
+            note(i)
+            out.append(_cached_plan_job(job))
+        return out
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        todo, running = list(enumerate(jobs_kw)), {}
+        while todo or running:
+            while todo and len(running) < jobs and sum(p["fits"] for p in out) + len(running) < max_compiles:
+                i, job = todo.pop(0)
+                note(i)
+                running[pool.submit(_cached_plan_job, job)] = i
+            if not running:
+                break
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                running.pop(f)
+                out.append(f.result())
+    return out
 
 
 def _pipe_label(r: dict[str, Any]) -> str:
