@@ -78,22 +78,22 @@ def main() -> None:
         doc["search"] = r
         _save(args.out, doc)
         print(format_search(r), file=sys.stderr, flush=True)
-    if args.pipelines and not doc.get("pipelined"):
+    if args.pipelines and args.topology not in (doc.get("pipelined") or {}):
         chips, pipes = parse_topology(args.topology)[2], tuple(args.pipelines.split(","))
         t0 = time.perf_counter()
         r = search(cfg, args.topology, args.rows_per_chip * chips, args.seq, max_compiles=0, moments=args.moments,
                    pipelines=pipes)
         piped = [x for x in r["estimated"] if x["pipeline"] != "none"]
         best = next(x for x in piped if x["fits_estimate"])
-        doc["pipelined"] = {"schedules": pipes, "candidates": r["candidates"], "estimate_s": round(
-            time.perf_counter() - t0, 1), "fits_estimate": sum(x["fits_estimate"] for x in r["estimated"]),
-            "rank_of_best_pipelined": r["estimated"].index(best), "estimated": piped[:20]}
+        entry = {"schedules": pipes, "candidates": r["candidates"], "estimate_s": round(time.perf_counter() - t0, 1),
+                 "fits_estimate": sum(x["fits_estimate"] for x in r["estimated"]),
+                 "rank_of_best_pipelined": r["estimated"].index(best), "estimated": piped[:20]}
         log(0, 1, best["mesh"], f"{best['remat']}, {best['pipeline']}:{best['microbatches']}")
-        doc["pipelined"]["plan"] = plan(cfg, args.topology, best["axes"], args.rows_per_chip * chips, args.seq,
-                                        best["remat"], moments=args.moments, pipeline=best["pipeline"],
-                                        microbatches=best["microbatches"])
+        entry["plan"] = plan(cfg, args.topology, best["axes"], args.rows_per_chip * chips, args.seq, best["remat"],
+                             moments=args.moments, pipeline=best["pipeline"], microbatches=best["microbatches"])
+        doc["pipelined"] = {**(doc.get("pipelined") or {}), args.topology: entry}
         _save(args.out, doc)
-        print(format_plan(doc["pipelined"]["plan"]), file=sys.stderr, flush=True)
+        print(format_plan(entry["plan"]), file=sys.stderr, flush=True)
     for topo in [] if args.search_only else args.slices:
         if topo in doc["slices"]:
             continue

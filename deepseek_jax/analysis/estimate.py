@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from deepseek_jax.analysis.layout import layout_report
-from deepseek_jax.analysis.params import flops_per_token
+from deepseek_jax.analysis.params import flops_per_token, param_counts
 from deepseek_jax.analysis.pipeline import pipeline_report
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.nn.placement import check_layout
@@ -82,9 +82,11 @@ def estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, seq
     data all-reduces, expert all-to-alls and tensor all-reduces at the interconnect bandwidth) to rank layouts
     before compiling. With ``pipe`` (the :func:`pipeline_report` of the layout's ``stage`` axis) a rank holds
     its share of the parameters (its stages + the shared embedding and head), saves the activations of the
-    schedule's peak of micro-batches in flight over its layers, gathers its FSDP-sharded weights whole once per
-    step (plus their float32 gradients: the executor is ZeRO-1), sends each micro-batch's activations and
-    gradients across its stage boundaries, and computes for ``1 / (1 - bubble fraction)`` of the ideal time."""
+    schedule's peak of micro-batches in flight over its layers, holds inside the executor (ZeRO-1) its weights
+    whole but for the routed experts split over ``expert`` and the rest over ``tensor``, each with a float32
+    gradient (V3 as expert=8 x tensor=8 x stage=4 under DualPipeV: ~114 GiB of them; the compiler asked for 243
+    GiB of temporaries, the estimate without them said 75), sends each micro-batch's activations and gradients
+    across its stage boundaries, and computes for ``1 / (1 - bubble fraction)`` of the ideal time."""
     s = axes.get("stage", 1)
     sb = state_bytes(cfg, {a: k for a, k in axes.items() if a != "stage"}, batch, seq, moments)
     frac, micro, inflight, share, bubble, chunks = 1.0, 1, 1, 1.0, 0.0, 0
@@ -107,8 +109,12 @@ def estimate(cfg: ModelConfig, axes: dict[str, int], remat: str, batch: int, seq
             mem += pairs * ((2 if remat == "deepseek" else 3) * fm + cfg.d_model) * act * moe_layers * inflight
         if f > 1 and pipe is None:  # the local experts' weights gathered over fsdp
             mem += 2 * 3 * m.n_routed_experts * cfg.d_model * m.moe_intermediate_size * act / (e * t)
-    if f > 1 and pipe is not None:  # the rank's weights and their float32 gradients gathered over fsdp
-        mem += (sb["params"] + sb["grads"]) * frac * (f - 1)
+    if pipe is not None:  # inside the executor (ZeRO-1): the rank's weights whole but for the routed experts split
+        # over expert and the rest over tensor (nothing over fsdp), each with a float32 gradient
+        pc = param_counts(cfg)
+        routed = pc.routed_main * share + pc.routed_mtp
+        rest = (pc.main + pc.mtp - pc.routed_main - pc.routed_mtp) * frac
+        mem += (routed / e + rest / t) * (np.dtype(cfg.param_dtype).itemsize + 4)
     comm = 3 * sb["params"] * frac * (f - 1) + 2 * sb["grads"] * frac * (d - 1) / d
     if cfg.moe is not None and e > 1:
         comm += 4 * tokens * cfg.moe.experts_per_token * cfg.d_model * act * moe_layers * (e - 1) / e
