@@ -71,6 +71,24 @@ s = doc["search"]
 print(format_search(s))  # ranked: the fitting ones first, by the roofline's step time
 
 # %% [markdown]
+# ### Pipelined layouts (`--pipeline 1f1b,dualpipev`)
+# With schedules given, the search adds every `stage` factorisation x schedule x micro-batch count the batch
+# allows; each is estimated with the schedule's simulated bubble and the executor's weights (routed experts
+# split over `expert` only, the rest over `tensor`, float32 gradients). The best pipelined estimate of each
+# searched slice was compiled (the first one before the estimator counted those weights).
+
+# %%
+for topo, e in (doc.get("pipelined") or {}).items():
+    p, b = e["plan"], e["plan"]["per_chip_bytes"]
+    best = e["estimated"][0]
+    print(f"{topo}: {e['candidates']} candidates, {e['fits_estimate']} estimated to fit; best pipelined estimate "
+          f"(rank {e['rank_of_best_pipelined']}): {p['mesh']}, {p['pipeline']}:{p['microbatches']}, bubble "
+          f"{best['bubble_fraction']:.1%}, estimated {best['bytes'] / GiB:.0f} GiB -> compiled: fits {p['fits']}, "
+          f"peak {(b.get('peak') or 0) / GiB:.0f} GiB ({p['compile_s']:.0f} s)")
+    if "estimate_note" in e:
+        print("   ", e["estimate_note"])
+
+# %% [markdown]
 # ## 3 · From 64 to 1,024 chips
 # The best-estimated layout of each slice, compiled. Memory per chip by kind (the state's parts from the
 # shardings, the compiler's temporaries; over budget: the compiler's own figure), the collective bytes of the
