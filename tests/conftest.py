@@ -31,7 +31,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # The files that take longest, started first: the two workers take whole files in this order (pytest-xdist's
-# reordering by test count is off in pyproject.toml), so the capability notebooks (~18 and ~13 min on 2 idle cores)
+# reordering by test count is off in pyproject.toml), so the capability notebooks (32 and 21 min in a full run here)
 # do not begin near the end of the run and leave one worker idle while the other finishes them.
 SLOWEST_FILES = ("test_niah_capability.py", "test_r1_pipeline.py", "test_notebooks.py")
 

@@ -265,7 +265,8 @@ def cached_plan(cache: str | os.PathLike | None, cfg: ModelConfig, topology: str
                 **kw: Any) -> dict[str, Any]:
     """:func:`plan` through a folder of JSON results keyed by everything the compile depends on (the model, the
     slice, the layout, ``kw``, jax's version): a search rerun, or one with a larger ``max_compiles``, compiles
-    only what it has not. ``cache=None``: :func:`plan` itself."""
+    only what it has not. Not keyed by this project's code: clear the folder after changing it. ``cache=None``:
+    :func:`plan` itself."""
     if cache is None:
         return plan(cfg, topology, axes, **kw)
     key = json.dumps([cfg.to_dict(), topology, sorted(axes.items()), sorted(kw.items()), jax.__version__],
