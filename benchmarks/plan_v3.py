@@ -57,9 +57,7 @@ def main() -> None:
            "moments": args.moments, "search": None, "slices": {}, **provenance()}
     if args.out and os.path.exists(args.out):  # plans already made are kept (their roofline brought up to date)
         old = json.load(open(args.out))
-        doc["search"], doc["slices"], doc["pipelined"] = old.get("search"), old.get("slices", {}), old.get("pipelined")
-        if "moments_note" in old:  # what the kept plans were compiled with
-            doc["moments_note"] = old["moments_note"]
+        doc.update({k: v for k, v in old.items() if k not in doc or k in ("search", "slices")})  # results and notes
         first = old.get("plans_provenance") or {k: old.get(k) for k in ("git_sha", "git_dirty", "date")}
         doc["plans_provenance"] = first  # where the compiles ran (this run's provenance is the file's)
         if doc["search"]:
